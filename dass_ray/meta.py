@@ -1,0 +1,141 @@
+"""Meta-learning for the predictor (DESIGN.md section 2): one-step MAML, second order, with a learned step
+size per parameter (Meta-SGD), and the teacher as the support set ("teacher-guided adaptation").
+
+`inner_update` is a pure function (torchmeta's `gradient_update_parameters` design): it returns a new
+parameter dict `theta - alpha * grad` and never mutates the model. With `first_order=True` the gradient is
+treated as a constant (no second-order term), but the step sizes still receive gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .predictor import Predictor, PredictorBatch
+
+
+def inner_update(
+    loss: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    step_sizes: dict[str, torch.Tensor],
+    first_order: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One gradient step: returns {name: theta - alpha[name] * d loss / d theta}.
+
+    Args:
+        loss: scalar computed from `params`.
+        params: name -> tensor (requires grad).
+        step_sizes: name -> tensor of the same shape (or broadcastable), the per-parameter learning rates.
+        first_order: drop the second-order term (no graph through the gradient).
+    """
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
+    out = {}
+    for n, g in zip(names, grads):
+        if g is None:
+            out[n] = params[n]
+            continue
+        if first_order:
+            g = g.detach()
+        out[n] = params[n] - step_sizes[n] * g
+    return out
+
+
+def teacher_support(teacher_map: torch.Tensor, teacher_code: torch.Tensor, teacher_acc: float) -> PredictorBatch:
+    """The support set of teacher-guided adaptation: the teacher labelled with its own accuracy."""
+    return PredictorBatch(
+        student_maps=teacher_map,
+        teacher_map=teacher_map,
+        arch=teacher_code.reshape(1, -1),
+        target=torch.tensor([float(teacher_acc)], dtype=torch.float32),
+    )
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred - target) ** 2).mean()
+
+
+class MetaSGD(nn.Module):
+    """A predictor plus learned per-parameter inner step sizes (initialised at `inner_lr`)."""
+
+    def __init__(self, predictor: Predictor, inner_lr: float = 0.005, inner_steps: int = 1):
+        super().__init__()
+        self.predictor = predictor
+        self.inner_steps = inner_steps
+        self.step_sizes = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in predictor.named_parameters()}
+        )
+
+    def steps(self) -> dict[str, torch.Tensor]:
+        return {n: self.step_sizes[_key(n)] for n, _ in self.predictor.named_parameters()}
+
+    def adapt(
+        self,
+        support: PredictorBatch,
+        params: dict[str, torch.Tensor] | None = None,
+        first_order: bool = False,
+        loss_fn: Callable = mse,
+    ) -> dict[str, torch.Tensor]:
+        """Adapted parameters after `inner_steps` steps on `support` (the teacher alone by default)."""
+        params = params if params is not None else self.predictor.named_params()
+        steps = self.steps()
+        for _ in range(self.inner_steps):
+            loss = loss_fn(self.predictor(support, params), support.target)
+            params = inner_update(loss, params, steps, first_order=first_order)
+        return params
+
+    def task_loss(
+        self, support: PredictorBatch, query: PredictorBatch, first_order: bool = False, adapt: bool = True
+    ) -> torch.Tensor:
+        """Query MSE after adapting on the support set (the meta-objective of one task)."""
+        params = self.adapt(support, first_order=first_order) if adapt else None
+        return mse(self.predictor(query, params), query.target)
+
+    @torch.no_grad()
+    def predict(self, support: PredictorBatch | None, query: PredictorBatch, batch_size: int = 4096) -> torch.Tensor:
+        """Scores [N] for `query` after adapting on `support` (no adaptation when it is None)."""
+        if support is None:
+            params = None
+        else:
+            with torch.enable_grad():
+                params = {k: v.detach() for k, v in self.adapt(support, first_order=True).items()}
+        outs = [self.predictor(query.subset(slice(i, i + batch_size)), params)
+                for i in range(0, len(query), batch_size)]
+        return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    ra, rb = _rank(np.asarray(a, float)), _rank(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def kendall(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall tau-b."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    iu = np.triu_indices(len(a), 1)
+    da, db = da[iu], db[iu]
+    denom = np.sqrt((da != 0).sum() * (db != 0).sum())
+    return float((da * db).sum() / denom) if denom > 0 else float("nan")
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), float)
+    ranks[order] = np.arange(len(x), dtype=float)
+    # average the ranks of ties
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return sums[inv] / counts[inv]

@@ -1,0 +1,108 @@
+"""MAML/Meta-SGD checked against hand-derived values (as torchmeta does)."""
+import numpy as np
+import pytest
+import torch
+
+from dass_ray.meta import MetaSGD, inner_update, kendall, spearman, teacher_support
+from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig, num_parameters
+
+
+def test_inner_update_is_theta_minus_lr_grad_exactly():
+    # loss = (w*x - t)^2, dL/dw = 2x(wx - t)
+    w = torch.tensor(1.5, requires_grad=True)
+    x, t, lr = 2.0, 1.0, torch.tensor(0.1)
+    loss = (w * x - t) ** 2
+    new = inner_update(loss, {"w": w}, {"w": lr})
+    grad = 2 * x * (1.5 * x - t)  # = 8.0
+    assert torch.equal(new["w"].detach(), torch.tensor(1.5) - lr * torch.tensor(grad))
+    assert float(new["w"]) == pytest.approx(0.7)
+
+
+def _meta_grads(first_order: bool):
+    w = torch.tensor(1.5, requires_grad=True)
+    a = torch.tensor(0.1, requires_grad=True)
+    xs, ts = 2.0, 1.0  # support
+    xq, tq = 1.0, 0.0  # query
+    new = inner_update((w * xs - ts) ** 2, {"w": w}, {"w": a}, first_order=first_order)
+    q = (new["w"] * xq - tq) ** 2
+    gw, ga = torch.autograd.grad(q, [w, a])
+    return float(gw), float(ga)
+
+
+def test_second_order_meta_gradient_matches_hand_derivation():
+    # w' = w - a*2xs(w xs - ts) = 1.5 - 0.1*8 = 0.7 ; dLq/dw' = 2 xq (w' xq - tq) = 1.4
+    # dw'/dw = 1 - a*2xs^2 = 1 - 0.8 = 0.2 ; dw'/da = -8
+    gw, ga = _meta_grads(first_order=False)
+    assert gw == pytest.approx(1.4 * 0.2)
+    assert ga == pytest.approx(1.4 * -8.0)
+
+
+def test_first_order_drops_second_order_term_but_step_size_learns():
+    gw, ga = _meta_grads(first_order=True)
+    assert gw == pytest.approx(1.4)  # dw'/dw taken as 1
+    assert ga == pytest.approx(1.4 * -8.0)  # step sizes still get gradients
+
+
+def _batch(n, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return PredictorBatch(
+        student_maps=torch.randn(n, cfg.feature_channels, 4, 4, generator=g),
+        teacher_map=torch.randn(1, cfg.feature_channels, 4, 4, generator=g),
+        arch=torch.randn(n, cfg.encoding_size, generator=g),
+        target=torch.rand(n, generator=g),
+    )
+
+
+def test_predictor_shapes_and_size():
+    paper = PredictorConfig(feature_channels=256, encoding_size=200)
+    n_paper = num_parameters(Predictor(paper))
+    assert 1.0e6 < n_paper < 1.4e6  # "about 1.2M parameters at the authors' scale"
+    cfg = PredictorConfig(feature_channels=128, encoding_size=200)
+    p = Predictor(cfg)
+    out = p(_batch(7, cfg))
+    assert out.shape == (7,)
+    base = Predictor(PredictorConfig(feature_channels=128, encoding_size=200, use_functional=False))
+    assert base(_batch(3, cfg)).shape == (3,) and num_parameters(base) < 20_000
+
+
+def test_functional_forward_equals_module_forward_and_does_not_mutate():
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    p = Predictor(cfg)
+    b = _batch(5, cfg)
+    params = p.named_params()
+    torch.testing.assert_close(p(b, params), p(b))
+    shifted = {k: v + 1.0 for k, v in params.items()}
+    before = {k: v.clone() for k, v in params.items()}
+    assert not torch.allclose(p(b, shifted), p(b))
+    assert all(torch.equal(before[k], v) for k, v in p.named_params().items())
+
+
+def test_meta_sgd_adapts_on_teacher_and_step_sizes_get_gradients():
+    torch.manual_seed(0)
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
+    b = _batch(6, cfg)
+    sup = teacher_support(b.teacher_map, b.arch[0], 0.9)
+    loss = m.task_loss(sup, b)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.step_sizes.values())
+    assert any(float(p.grad.abs().sum()) > 0 for p in m.step_sizes.values())
+    # one inner step moves the teacher's prediction toward its label
+    before = float(m.predictor(sup))
+    after = float(m.predictor(sup, m.adapt(sup)))
+    assert abs(after - 0.9) < abs(before - 0.9)
+    # predict() with and without adaptation differ and do not build graphs
+    s1, s0 = m.predict(sup, b), m.predict(None, b)
+    assert not s1.requires_grad and not torch.allclose(s1, s0)
+
+
+def test_rank_correlations():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 40), rng.normal(size=40)
+    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+    assert kendall(a, b) == pytest.approx(scipy_stats.kendalltau(a, b).statistic)
