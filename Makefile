@@ -6,13 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast bench clean proto
 
-install: $(STAMP)
+install: $(STAMP) $(PROTO_OUT)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python scripts/gen_proto.py
 	@touch $(STAMP)
+
+# Generated gRPC code (never edited, not committed): rebuilt whenever a .proto changes.
+PROTO_SRC := $(wildcard proto/dass_ray/v1/*.proto)
+PROTO_OUT := dass_ray/v1/search_pb2.py
+
+$(PROTO_OUT): $(PROTO_SRC) scripts/gen_proto.py | $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
 
 run: install
 	$(BIN)/python -m dass_ray.demo --output runs/demo

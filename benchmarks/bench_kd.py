@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""KD throughput: the same students on the same data, with cached teacher logits vs the teacher in the loop.
+
+Last line: one JSON object with cached_img_per_s, naive_img_per_s, speedup and the setup.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from dass_ray.config import get_scale
+from dass_ray.data import bundled_path, load_dataset, load_task_data, make_class_subset_tasks
+from dass_ray.kd import TensorData, compute_soft_labels, train_kd
+from dass_ray.nets import build
+from dass_ray.space import get_space
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--students", type=int, default=3)
+    ap.add_argument("--train-per-class", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(bundled_path("mnist5k"))
+    task = make_class_subset_tasks(ds, source="mnist5k", path="mnist5k", num_tasks=1, classes_per_task=5,
+                                   train_per_class=args.train_per_class, val_per_class=20, seed=args.seed,
+                                   prefix="bench")[0]
+    tr, va = load_task_data(task, ds)
+    data = TensorData.from_datasets(tr, va, 32)
+    space = get_space("cpu", data.num_classes)
+    teacher = build(space.teacher(), space, seed=args.seed).eval()  # weights do not change the cost
+    sd = teacher.state_dict()
+    cfg = get_scale("cpu").kd.__class__(**{**get_scale("cpu").kd.to_dict(), "epochs": args.epochs})
+    archs = space.sample_many(np.random.default_rng(args.seed), args.students)
+    n_img = len(data.y_train) * args.epochs * len(archs)
+    t0 = time.perf_counter()
+    soft = compute_soft_labels(teacher, data.x_train, views=2 if cfg.flip else 1)
+    t_soft = time.perf_counter() - t0
+    timings = {}
+    for mode in ("naive", "cached"):  # interleaving would not change much; both see the same machine state
+        t0 = time.perf_counter()
+        for a in archs:
+            if mode == "cached":
+                r = train_kd(a, space, sd, data, cfg, seed=args.seed, soft=soft)
+            else:
+                r = train_kd(a, space, sd, data, cfg, seed=args.seed, teacher=teacher)
+            assert r.ok, r.reason
+        timings[mode] = time.perf_counter() - t0
+    cached_total = timings["cached"] + t_soft  # the one-off teacher pass is charged to the cached path
+    out = {
+        "cached_img_per_s": round(n_img / cached_total, 1),
+        "naive_img_per_s": round(n_img / timings["naive"], 1),
+        "speedup": round(timings["naive"] / cached_total, 3),
+        "soft_label_s": round(t_soft, 3), "students": len(archs), "images_per_student": len(data.y_train) * args.epochs,
+        "threads": args.threads, "teacher_mflops": round(space.flops(space.teacher()) / 1e6, 1),
+        "mean_student_mflops": round(float(np.mean([space.flops(a) for a in archs])) / 1e6, 1),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Label generation on Ray: teachers with Ray Train, soft labels once per task, student KD runs as Ray tasks.
+
+Thin orchestration over `kd` and `metadataset`. Resumable: a task whose teacher checkpoint exists is not
+retrained; a student whose (task, arch, seed) row exists is not rerun; each finished student is appended at once,
+so killing the driver loses at most the runs in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from dass_ray.config import ScaleConfig
+from dass_ray.data import TaskSpec, load_tasks, save_tasks
+from dass_ray.embed import noise_input
+from dass_ray.kd import (SoftLabels, TensorData, compute_soft_labels, load_teacher, round_half, save_teacher,
+                         train_teacher)
+from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, code_version, machine, make_tasks,
+                                  run_key, run_student, student_plan, task_data)
+from dass_ray.resources import ray_options, scaling_config_kwargs
+from dass_ray.rayutil import Progress
+from dass_ray.space import get_space
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teachers (Ray Train)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_loop(config: dict) -> None:
+    """Ray Train worker loop: train one teacher, report per-epoch metrics, the final weights as a checkpoint."""
+    import ray.train
+
+    torch.set_num_threads(config["threads"])
+    scale: ScaleConfig = config["scale"]
+
+    class _Rep:
+        def report(self, metrics, state):
+            if ray.train.get_context().get_world_rank() == 0 and metrics["epoch"] < scale.teacher.epochs:
+                ray.train.report({k: float(v) for k, v in metrics.items()})
+
+    model, res = train_teacher(config["space"], config["data"], scale.teacher, seed=config["seed"],
+                               reporter=_Rep())
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"state_dict": model.state_dict(), "result": res.summary()}, Path(d) / "teacher.pt")
+        ray.train.report({"best_acc": res.best_acc, "final_acc": res.final_acc, "epoch": res.epochs},
+                         checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, storage: Path, seed: int = 0,
+                         cpus: int = 1) -> tuple[dict, dict]:
+    """Train a task's teacher with a one-worker `TorchTrainer`; returns (state_dict, result summary)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    space = get_space(scale.space, data.num_classes)
+    trainer = TorchTrainer(
+        _teacher_loop,
+        train_loop_config={"scale": scale, "space": space, "data": data, "seed": seed, "threads": cpus},
+        scaling_config=ScalingConfig(num_workers=1, **scaling_config_kwargs("teacher_train", num_cpus=cpus)),
+        run_config=RunConfig(name=f"teacher-{task.task_id}", storage_path=str(storage.resolve())),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"teacher training for {task.task_id} failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        blob = torch.load(Path(d) / "teacher.pt", map_location="cpu", weights_only=False)
+    return blob["state_dict"], blob["result"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Students (Ray tasks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@ray.remote(max_retries=2)
+def _student_remote(ctx: TaskContext, arch_json: str, scale: ScaleConfig, seed: int, replicate: int) -> dict:
+    from dass_ray.space import ArchConfig
+
+    return run_student(ctx, ArchConfig.from_json(arch_json), scale, seed, replicate, threads=scale.threads_per_run)
+
+
+def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, data_root: str | Path | None = None,
+          seed: int = 0, max_runs: int | None = None, teacher_cpus: int = 1, command: str = "",
+          log=print) -> dict:
+    """Build (or continue) a meta-dataset in `output`. Returns a summary dict."""
+    t_start = time.time()
+    store = MetaDatasetStore(output)
+    plan = {"scale": scale.to_dict(), "groups": [g.to_dict() for g in groups], "seed": seed}
+    store.init(plan)
+    tasks_file = store.root / "tasks.json"
+    roles_file = store.root / "roles.json"
+    if tasks_file.exists():
+        tasks = load_tasks(tasks_file)
+        roles = json.loads(roles_file.read_text())
+    else:
+        pairs = make_tasks(groups, scale, data_root)
+        tasks = [t for t, _ in pairs]
+        roles = {t.task_id: r for t, r in pairs}
+        save_tasks(tasks_file, tasks)
+        roles_file.write_text(json.dumps(roles, indent=1))
+    cache: dict = {}
+    space0 = get_space(scale.space)
+    probe = noise_input(space0, 0)
+
+    # 1. teachers + soft labels + teacher embeddings
+    contexts: dict[str, TaskContext] = {}
+    timings = {"teachers_s": 0.0, "students_s": 0.0}
+    done_tasks = {r["task_id"] for r in store.task_rows().to_pylist()}
+    for i, task in enumerate(tasks):
+        data = task_data(task, space0.image_size, data_root, cache)
+        space = get_space(scale.space, data.num_classes)
+        tp = store.teacher_path(task.task_id)
+        if not tp.exists():
+            t0 = time.perf_counter()
+            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({scale.teacher.epochs} epochs, "
+                f"{len(data.y_train)} images) with Ray Train")
+            sd, summ = train_teacher_on_ray(task, data, scale, store.root / "ray_train", seed=seed,
+                                            cpus=teacher_cpus)
+            sd = round_half(sd)  # what is stored is what every later stage uses
+            net = get_space(scale.space, data.num_classes)
+            from dass_ray.nets import build as build_net
+
+            model = build_net(net.teacher(), net)
+            model.load_state_dict(sd)
+            from dass_ray.kd import evaluate
+
+            acc = evaluate(model, data.x_val, data.y_val)
+            wall = time.perf_counter() - t0
+            timings["teachers_s"] += wall
+            save_teacher(tp, model, space, acc, data.class_names, half=True,
+                         meta={"task": task.to_dict(), "train": summ, "wall_s": wall, "code_version": code_version()})
+            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: val acc {acc:.3f} ({wall:.0f}s)")
+        ck = load_teacher(tp)
+        soft_path = store.root / "soft" / f"{task.task_id}.parquet"
+        expect = {"teacher": ck.digest(), "data": data.fingerprint()}
+        if soft_path.exists():
+            soft = SoftLabels.load(soft_path, expect=expect)
+        else:
+            soft = compute_soft_labels(ck.model(), data.x_train, views=2 if scale.kd.flip else 1, meta=expect)
+            soft.save(soft_path)
+        if task.task_id not in done_tasks:
+            with torch.inference_mode():
+                tmap = ck.model().features(probe)
+            store.put_task({
+                "task_id": task.task_id, "role": roles[task.task_id], "source": task.source,
+                "num_classes": data.num_classes, "teacher_acc": ck.val_acc, "teacher_digest": ck.digest(),
+                "teacher_embedding": tmap.squeeze(0).to(torch.float16).numpy().tobytes(),
+                "embedding_shape": list(tmap.shape[1:]), "train_wall_s": float(ck.meta.get("wall_s", 0.0)),
+                "space_json": json.dumps(space.to_dict()),
+            })
+        contexts[task.task_id] = TaskContext(task.task_id, roles[task.task_id], task.source, space, ck.state_dict,
+                                             ck.val_acc, data, soft)
+
+    # 2. students: round-robin over tasks so partial results stay balanced; noise-ceiling replicates last
+    done = store.done_keys()
+    jobs, per_task = [], {}
+    for task in tasks:
+        n = scale.students_per_test_task if roles[task.task_id] == "test" else scale.students_per_task
+        per_task[task.task_id] = student_plan(task, contexts[task.task_id].space, n, seed)
+    for j in range(max(len(v) for v in per_task.values())):
+        for task in tasks:
+            archs = per_task[task.task_id]
+            if j < len(archs):
+                jobs.append((task.task_id, archs[j], seed, 0))
+    for task in tasks:
+        if roles[task.task_id] == "test":
+            for a in per_task[task.task_id][:scale.noise_ceiling_students]:
+                jobs.append((task.task_id, a, seed + 1, 1))
+    todo = [j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done]
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    log(f"[students] {len(jobs) - len([j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done])}"
+        f"/{len(jobs)} already recorded; running {len(todo)}")
+    ctx_refs = {tid: ray.put(c) for tid, c in contexts.items()}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    max_inflight = max(2, 2 * cpus)
+    opts = ray_options("kd_trial")
+    t0 = time.perf_counter()
+    prog = Progress(len(todo), "students")
+    pending: dict = {}
+    it = iter(todo)
+    failed = 0
+
+    def submit() -> bool:
+        try:
+            tid, arch, s, rep = next(it)
+        except StopIteration:
+            return False
+        ref = _student_remote.options(**opts).remote(ctx_refs[tid], arch.to_json(), scale, s, rep)
+        pending[ref] = (tid, arch, s, rep)
+        return True
+
+    while len(pending) < max_inflight and submit():
+        pass
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        tid, arch, s, rep = pending.pop(ref)
+        try:
+            row = ray.get(ref)
+        except Exception as e:  # the worker died beyond its retries: record it, keep going
+            row = run_student_failed(contexts[tid], arch, s, rep, f"{type(e).__name__}: {e}")
+        failed += row["status"] != "ok"
+        store.append([row])
+        prog.update(1, f"{tid} acc={row['best_acc']:.3f} failed={failed}")
+        submit()
+    prog.close()
+    timings["students_s"] = time.perf_counter() - t0
+    return _write_manifest(store, command, timings, time.time() - t_start, len(todo), failed)
+
+
+def run_student_failed(ctx: TaskContext, arch, seed: int, rep: int, reason: str) -> dict:
+    """A failed row for a run whose worker could not return one."""
+    from dass_ray.config import KDConfig, ScaleConfig as _S
+
+    zero = _S(name="none", space=ctx.space.name, classes_per_task=1, train_per_class=1, val_per_class=1,
+              teacher=None, kd=KDConfig(epochs=0))
+    row = run_student(ctx, arch, zero, seed, rep)
+    row.update(status="failed", reason=reason, best_acc=0.0, final_acc=0.0, epochs=0)
+    return row
+
+
+def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: float, ran: int, failed: int) -> dict:
+    p = store.root / "manifest.json"
+    man = json.loads(p.read_text()) if p.exists() else {"sessions": []}
+    st = store.students().to_pylist()
+    tasks = store.task_rows().to_pylist()
+    counts: dict = {}
+    for r in st:
+        c = counts.setdefault(r["task_id"], {"ok": 0, "failed": 0, "replicates": 0})
+        if r["replicate"]:
+            c["replicates"] += 1
+        else:
+            c["ok" if r["status"] == "ok" else "failed"] += 1
+    man["sessions"].append({"command": command, "code_version": code_version(), "machine": machine(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
+                            "wall_s": round(wall, 1), "runs": ran, "failed": failed,
+                            **{k: round(v, 1) for k, v in timings.items()}})
+    man["total_wall_s"] = round(sum(s["wall_s"] for s in man["sessions"]), 1)
+    man["kd_cpu_s"] = round(sum(r["wall_s"] for r in st), 1)
+    man["teacher_wall_s"] = round(sum(t["train_wall_s"] for t in tasks), 1)
+    man["tasks"] = {t["task_id"]: {"role": t["role"], "source": t["source"], "teacher_acc": round(t["teacher_acc"], 4),
+                                   **counts.get(t["task_id"], {})} for t in tasks}
+    man["students"] = len(st)
+    p.write_text(json.dumps(man, indent=1))
+    return man

@@ -1,0 +1,387 @@
+"""The meta-dataset: real (dataset, teacher) tasks and KD-trained students, stored as Parquet (no Ray here).
+
+Layout of a meta-dataset directory:
+
+    plan.json            the task plan and scale it was built with (written once; a rebuild must match it)
+    tasks.json           the TaskSpecs (train/val indices: the same task id always means the same images)
+    tasks.parquet        one row per task with a trained teacher: role, teacher accuracy, teacher embedding
+    teachers/<id>.pt     teacher checkpoints (float16 weights; the rounded weights are what every stage used)
+    parts/*.parquet      one file per finished student run (appended as runs finish; `compact` merges them)
+    students.parquet     the compacted student table
+    manifest.json        command, code version, wall time, machine, counts
+
+A student row holds its config, encoding, FLOPs, params, best/final accuracy, its functional embedding (float16
+bytes, C4 x h x w) and its run metadata, so meta-training needs no teacher weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dass_ray import __version__
+from dass_ray.config import ScaleConfig
+from dass_ray.data import TaskSpec, load_dataset, load_task_data, make_class_subset_tasks, resolve_dataset_path
+from dass_ray.embed import embed_reference, noise_input
+from dass_ray.kd import SoftLabels, TensorData, TrainResult, train_kd
+from dass_ray.space import ArchConfig, SpaceConfig, get_space
+
+ROLES = ("train", "val", "test")
+
+STUDENT_SCHEMA = pa.schema([
+    ("task_id", pa.string()), ("role", pa.string()), ("source", pa.string()), ("teacher_acc", pa.float64()),
+    ("arch_json", pa.string()), ("arch_digest", pa.string()), ("encoding", pa.list_(pa.float32())),
+    ("flops", pa.int64()), ("params", pa.int64()), ("seed", pa.int64()), ("replicate", pa.int64()),
+    ("status", pa.string()), ("reason", pa.string()), ("best_acc", pa.float64()), ("final_acc", pa.float64()),
+    ("epochs", pa.int64()), ("wall_s", pa.float64()), ("embedding", pa.binary()), ("code_version", pa.string()),
+    ("host", pa.string()),
+])
+
+TASK_SCHEMA = pa.schema([
+    ("task_id", pa.string()), ("role", pa.string()), ("source", pa.string()), ("num_classes", pa.int64()),
+    ("teacher_acc", pa.float64()), ("teacher_digest", pa.string()), ("teacher_embedding", pa.binary()),
+    ("embedding_shape", pa.list_(pa.int64())), ("train_wall_s", pa.float64()), ("space_json", pa.string()),
+])
+
+
+def code_version() -> str:
+    """git commit of the package's checkout (+ '-dirty'), or the package version when not in git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"v{__version__}"
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "torch": str(torch.__version__), "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plans
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """`num_tasks` class-subset tasks of one source, all with one role."""
+
+    role: str
+    source: str
+    path: str  # relative to the data root
+    split: str | None
+    num_tasks: int
+    seed: int
+    classes_per_task: int | None = None  # None: the scale's
+    train_per_class: int | None = None
+    val_per_class: int | None = None
+    disjoint: bool = False
+    skip: int = 0  # drop the first `skip` generated tasks (keeps groups of one source class-set disjoint)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+PLANS: dict[str, list[TaskGroup]] = {
+    # Meta-train on CIFAR-10 and Fashion-MNIST class subsets; meta-validate on other subsets of the same sources;
+    # meta-test on MNIST and Omniglot, never seen in meta-training.
+    "cpu": [
+        TaskGroup("train", "cifar10", "cifar10/train.parquet", None, 4, seed=11),
+        TaskGroup("train", "fashion_mnist", "fashion_mnist/train.parquet", None, 4, seed=12),
+        TaskGroup("val", "cifar10", "cifar10/train.parquet", None, 1, seed=21),
+        TaskGroup("val", "fashion_mnist", "fashion_mnist/train.parquet", None, 1, seed=22),
+        TaskGroup("test", "mnist5k", "mnist5k/all.parquet", None, 1, seed=31),
+        TaskGroup("test", "omniglot_small", "omniglot_small/all.parquet", None, 1, seed=32,
+                  classes_per_task=20, train_per_class=15, val_per_class=5),
+    ],
+    # Tests: bundled data only, seconds.
+    "tiny": [
+        TaskGroup("train", "mnist5k", "mnist5k", None, 2, seed=1),
+        TaskGroup("val", "mnist5k", "mnist5k", None, 1, seed=2),
+        TaskGroup("test", "omniglot_small", "omniglot_small", None, 1, seed=3,
+                  classes_per_task=3, train_per_class=10, val_per_class=5),
+    ],
+}
+
+
+def make_tasks(groups: list[TaskGroup], scale: ScaleConfig, data_root: str | Path | None = None
+               ) -> list[tuple[TaskSpec, str]]:
+    """Deterministic (TaskSpec, role) pairs of a plan."""
+    out = []
+    for g in groups:
+        if g.role not in ROLES:
+            raise ValueError(f"task group {g.source}: role must be one of {ROLES}, got {g.role!r}")
+        ds = load_dataset(resolve_dataset_path(g.path, data_root), split=g.split)
+        tasks = make_class_subset_tasks(
+            ds, source=g.source, path=g.path, num_tasks=g.num_tasks + g.skip,
+            classes_per_task=g.classes_per_task or scale.classes_per_task,
+            train_per_class=g.train_per_class or scale.train_per_class,
+            val_per_class=g.val_per_class or scale.val_per_class,
+            seed=g.seed, disjoint=g.disjoint, prefix=f"{g.role}-{g.source}-s{g.seed}")
+        out.extend((t, g.role) for t in tasks[g.skip:])
+    return out
+
+
+def task_data(task: TaskSpec, image_size: int, data_root: str | Path | None = None, cache: dict | None = None
+              ) -> TensorData:
+    key = (task.path, image_size)
+    if cache is not None and key in cache:
+        ds = cache[key]
+    else:
+        ds = load_dataset(resolve_dataset_path(task.path, data_root))
+        if cache is not None:
+            cache[key] = ds
+    tr, va = load_task_data(task, ds)
+    return TensorData.from_datasets(tr, va, image_size)
+
+
+def student_plan(task: TaskSpec, space: SpaceConfig, n: int, seed: int) -> list[ArchConfig]:
+    """The task's students: `n` distinct seeded samples (deterministic per task id and seed)."""
+    import hashlib
+
+    h = int(hashlib.sha256(task.task_id.encode()).hexdigest()[:8], 16)
+    return space.sample_many(np.random.default_rng([seed, h]), n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One student run (what a Ray worker executes)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskContext:
+    """What every student run of one task needs: shipped once per task (e.g. through the object store)."""
+
+    task_id: str
+    role: str
+    source: str
+    space: SpaceConfig
+    teacher_sd: dict
+    teacher_acc: float
+    data: TensorData
+    soft: SoftLabels
+    probe_seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run_student(ctx: TaskContext, arch: ArchConfig, scale: ScaleConfig, seed: int, replicate: int = 0,
+                threads: int | None = None) -> dict:
+    """KD-train one student and return its meta-dataset row (a failed run is a row with status 'failed')."""
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        res = train_kd(arch, ctx.space, ctx.teacher_sd, ctx.data, scale.kd, seed=seed, soft=ctx.soft)
+    except Exception as e:  # recorded, never fatal for the batch
+        res = TrainResult("failed", 0.0, 0.0, 0, time.perf_counter() - t0, reason=f"{type(e).__name__}: {e}")
+    emb = embed_reference(ctx.teacher_sd, [arch], ctx.space, noise_input(ctx.space, ctx.probe_seed))
+    return {
+        "task_id": ctx.task_id, "role": ctx.role, "source": ctx.source, "teacher_acc": float(ctx.teacher_acc),
+        "arch_json": arch.to_json(), "arch_digest": arch.digest(),
+        "encoding": ctx.space.encode(arch).astype(np.float32).tolist(),
+        "flops": int(ctx.space.flops(arch)), "params": int(ctx.space.params(arch)), "seed": int(seed),
+        "replicate": int(replicate), "status": res.status, "reason": res.reason, "best_acc": float(res.best_acc),
+        "final_acc": float(res.final_acc), "epochs": int(res.epochs), "wall_s": float(time.perf_counter() - t0),
+        "embedding": emb.squeeze(0).to(torch.float16).numpy().tobytes(), "code_version": code_version(),
+        "host": platform.node(),
+    }
+
+
+def run_key(task_id: str, arch_digest: str, seed: int) -> tuple[str, str, int]:
+    return (task_id, arch_digest, int(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MetaDatasetStore:
+    """Append-only Parquet store in a directory (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.parts = self.root / "parts"
+        self.teachers = self.root / "teachers"
+
+    def init(self, plan: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.parts.mkdir(exist_ok=True)
+        self.teachers.mkdir(exist_ok=True)
+        p = self.root / "plan.json"
+        if p.exists():
+            old = json.loads(p.read_text())
+            if old != json.loads(json.dumps(plan)):
+                raise ValueError(f"{p}: this directory was built with a different plan/scale; use a new --output "
+                                 f"or the same options (stored scale {old.get('scale', {}).get('name')!r})")
+        else:
+            _atomic_write(p, json.dumps(plan, indent=1, sort_keys=True))
+
+    # students -------------------------------------------------------------------------------------------------
+
+    def append(self, rows: list[dict]) -> Path:
+        """Durably add rows (one new part file, written atomically)."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(rows, schema=STUDENT_SCHEMA)
+        p = self.parts / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = p.with_name(p.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, p)
+        return p
+
+    def students(self) -> pa.Table:
+        """Every recorded student (compacted file + parts), de-duplicated on (task, arch, seed)."""
+        tables = []
+        main = self.root / "students.parquet"
+        if main.exists():
+            tables.append(pq.read_table(main))
+        if self.parts.exists():
+            tables.extend(pq.read_table(p) for p in sorted(self.parts.glob("*.parquet")))
+        if not tables:
+            return STUDENT_SCHEMA.empty_table()
+        t = pa.concat_tables([x.select(STUDENT_SCHEMA.names).cast(STUDENT_SCHEMA) for x in tables])
+        keys = list(zip(t["task_id"].to_pylist(), t["arch_digest"].to_pylist(), t["seed"].to_pylist()))
+        seen, keep = set(), []
+        for i, k in enumerate(keys):
+            if k not in seen:
+                seen.add(k)
+                keep.append(i)
+        return t.take(keep) if len(keep) != len(keys) else t
+
+    def done_keys(self) -> set[tuple[str, str, int]]:
+        t = self.students()
+        return {run_key(a, b, c) for a, b, c in
+                zip(t["task_id"].to_pylist(), t["arch_digest"].to_pylist(), t["seed"].to_pylist())}
+
+    def compact(self) -> int:
+        """Merge parts into students.parquet (sorted by task, replicate, seed, arch); returns the row count."""
+        t = self.students()
+        t = t.sort_by([("task_id", "ascending"), ("replicate", "ascending"), ("arch_digest", "ascending")])
+        main = self.root / "students.parquet"
+        tmp = main.with_name(main.name + ".tmp")
+        pq.write_table(t, tmp, compression="zstd")
+        os.replace(tmp, main)
+        for p in self.parts.glob("*.parquet"):
+            p.unlink()
+        return t.num_rows
+
+    # tasks ----------------------------------------------------------------------------------------------------
+
+    def teacher_path(self, task_id: str) -> Path:
+        return self.teachers / f"{task_id}.pt"
+
+    def task_rows(self) -> pa.Table:
+        p = self.root / "tasks.parquet"
+        return pq.read_table(p) if p.exists() else TASK_SCHEMA.empty_table()
+
+    def put_task(self, row: dict) -> None:
+        rows = [r for r in self.task_rows().to_pylist() if r["task_id"] != row["task_id"]] + [row]
+        rows.sort(key=lambda r: r["task_id"])
+        p = self.root / "tasks.parquet"
+        tmp = p.with_name(p.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(rows, schema=TASK_SCHEMA), tmp)
+        os.replace(tmp, p)
+
+
+def _atomic_write(p: Path, text: str) -> None:
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading for meta-training / evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaTask:
+    """One task's tensors for the predictor: teacher map/code/acc and its students (ok runs, replicate 0)."""
+
+    task_id: str
+    role: str
+    source: str
+    teacher_acc: float
+    teacher_map: torch.Tensor  # [1, C, h, w]
+    teacher_code: torch.Tensor  # [D]
+    maps: torch.Tensor  # [N, C, h, w]
+    codes: torch.Tensor  # [N, D]
+    acc: torch.Tensor  # [N] best KD accuracy (fraction)
+    flops: np.ndarray
+    params: np.ndarray
+    archs: list[ArchConfig]
+
+
+def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES) -> list[MetaTask]:
+    store = MetaDatasetStore(root)
+    tasks = store.task_rows().to_pylist()
+    if not tasks:
+        raise ValueError(f"{root}: no tasks.parquet (is this a meta-dataset directory?)")
+    st = store.students().to_pylist()
+    out = []
+    for tr in tasks:
+        if tr["role"] not in roles:
+            continue
+        space = SpaceConfig.from_dict(json.loads(tr["space_json"]))
+        shape = tuple(tr["embedding_shape"])
+        rows = [r for r in st if r["task_id"] == tr["task_id"] and r["status"] == "ok" and r["replicate"] == 0]
+        rows.sort(key=lambda r: r["arch_digest"])
+        if not rows:
+            continue
+
+        def emb(b: bytes) -> torch.Tensor:
+            return torch.from_numpy(np.frombuffer(b, dtype=np.float16).astype(np.float32).reshape(shape))
+
+        out.append(MetaTask(
+            task_id=tr["task_id"], role=tr["role"], source=tr["source"], teacher_acc=tr["teacher_acc"],
+            teacher_map=emb(tr["teacher_embedding"]).unsqueeze(0),
+            teacher_code=torch.from_numpy(space.encode(space.teacher()).astype(np.float32)),
+            maps=torch.stack([emb(r["embedding"]) for r in rows]),
+            codes=torch.tensor([r["encoding"] for r in rows], dtype=torch.float32),
+            acc=torch.tensor([r["best_acc"] for r in rows], dtype=torch.float32),
+            flops=np.array([r["flops"] for r in rows]), params=np.array([r["params"] for r in rows]),
+            archs=[ArchConfig.from_json(r["arch_json"]) for r in rows],
+        ))
+    return out
+
+
+def dataset_task(path: str | Path, scale: ScaleConfig, seed: int = 0, data_root: str | Path | None = None
+                 ) -> tuple[TaskSpec, TensorData]:
+    """A user dataset as one all-classes task: per class up to `scale.train_per_class` training and
+    `scale.val_per_class` validation images (fewer, 80/20, when a class is small). Deterministic in `seed`."""
+    from dass_ray.data import DatasetError
+
+    p = resolve_dataset_path(path, data_root)
+    ds = load_dataset(p)
+    counts = ds.class_counts()
+    if counts.min() < 2:
+        raise DatasetError(f"{p}: class {int(counts.argmin())} ('{ds.class_names[int(counts.argmin())]}') has "
+                           f"{int(counts.min())} image(s); every class needs at least 2 (train + validation)")
+    small = int(counts.min())
+    tpc, vpc = scale.train_per_class, scale.val_per_class
+    if small < tpc + vpc:
+        vpc = max(1, small // 5)
+        tpc = min(tpc, small - vpc)
+    task = make_class_subset_tasks(ds, source=p.stem if p.stem not in ("all", "train") else p.parent.name,
+                                   path=str(p), num_tasks=1, classes_per_task=ds.num_classes, train_per_class=tpc,
+                                   val_per_class=vpc, seed=seed, prefix="search")[0]
+    tr, va = load_task_data(task, ds)
+    return task, TensorData.from_datasets(tr, va, get_space(scale.space).image_size)

@@ -1,0 +1,146 @@
+"""Meta-training of the DaSS predictor (plain PyTorch; the Ray Train wrapper is `metatrain_ray`).
+
+One episode = for every meta-training task: adapt on the teacher (one inner step, second order, learned
+per-parameter step sizes), then the MSE of a query set of that task's students; the episode loss is the mean over
+tasks. Query sets are drawn from an RNG seeded by (seed, episode, task index), so any split of the tasks over
+workers sees exactly the same queries. Model selection: mean Spearman on meta-validation tasks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dass_ray.meta import MetaSGD, kendall, spearman, teacher_support
+from dass_ray.metadataset import MetaTask
+from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig
+from dass_ray.space import SpaceConfig
+
+FORMAT = "dass_ray.predictor/1"
+
+
+def make_model(space: SpaceConfig, use_functional: bool = True, inner_lr: float = 0.005, seed: int = 0) -> MetaSGD:
+    torch.manual_seed(seed)
+    cfg = PredictorConfig(space.feature_channels, space.encoding_size, use_functional=use_functional)
+    return MetaSGD(Predictor(cfg), inner_lr=inner_lr)
+
+
+def query_indices(n: int, size: int, seed: int, episode: int, task_index: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, episode, task_index])
+    return rng.permutation(n)[:min(size, n)]
+
+
+def task_batches(t: MetaTask, idx=None) -> tuple[PredictorBatch, PredictorBatch]:
+    support = teacher_support(t.teacher_map, t.teacher_code, t.teacher_acc)
+    sl = slice(None) if idx is None else torch.as_tensor(idx)
+    query = PredictorBatch(t.maps[sl], t.teacher_map, t.codes[sl], t.acc[sl])
+    return support, query
+
+
+def episode_loss_sum(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int], episode: int, seed: int,
+                     query_size: int, adapt: bool = True, first_order: bool = False) -> torch.Tensor:
+    """Sum of query losses over `task_ids` (indices into `tasks`); divide by the total task count for the mean."""
+    total = torch.zeros(())
+    for i in task_ids:
+        t = tasks[i]
+        s, q = task_batches(t, query_indices(len(t.acc), query_size, seed, episode, i))
+        total = total + model.task_loss(s, q, first_order=first_order, adapt=adapt)
+    return total
+
+
+@torch.no_grad()
+def predict_task(model: MetaSGD, t: MetaTask, adapt: bool = True) -> np.ndarray:
+    s, q = task_batches(t)
+    return model.predict(s if adapt else None, q).numpy()
+
+
+def evaluate(model: MetaSGD, tasks: list[MetaTask], adapt: bool = True) -> dict:
+    per = {}
+    for t in tasks:
+        p = predict_task(model, t, adapt)
+        y = t.acc.numpy()
+        per[t.task_id] = {"spearman": spearman(p, y), "kendall": kendall(p, y),
+                          "mse": float(np.mean((p - y) ** 2))}
+    mean = float(np.mean([v["spearman"] for v in per.values()])) if per else float("nan")
+    return {"tasks": per, "mean_spearman": mean}
+
+
+@dataclass
+class MetaTrainConfig:
+    episodes: int = 300
+    lr: float = 5e-4
+    inner_lr: float = 0.005
+    query_size: int = 50
+    eval_every: int = 10
+    seed: int = 0
+    use_functional: bool = True
+    adapt: bool = True  # False: no inner step (ablation / arch-only baseline trained plainly)
+    first_order: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig,
+                log=None) -> tuple[MetaSGD, dict]:
+    """Single-process meta-training (reference for the Ray Train path; used for baselines)."""
+    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    best = (-float("inf"), None, -1)
+    ids = list(range(len(train)))
+    for ep in range(cfg.episodes):
+        loss = episode_loss_sum(model, train, ids, ep, cfg.seed, cfg.query_size, cfg.adapt, cfg.first_order) / len(ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (ep + 1) % cfg.eval_every == 0 or ep + 1 == cfg.episodes:
+            ev = evaluate(model, val, cfg.adapt)["mean_spearman"] if val else -float(loss)
+            if ev > best[0]:
+                best = (ev, {k: v.detach().clone() for k, v in model.state_dict().items()}, ep + 1)
+            if log:
+                log(f"episode {ep + 1}: loss {float(loss):.5f} val spearman {ev:.3f}")
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    return model, {"best_val_spearman": best[0], "best_episode": best[2]}
+
+
+def save_predictor(path: str | Path, model: MetaSGD, space: SpaceConfig, meta: dict | None = None) -> None:
+    blob = {"format": FORMAT, "predictor_config": model.predictor.cfg.to_dict(), "space": space.to_dict(),
+            "encoding_layout": space.encoding_layout(), "inner_steps": model.inner_steps,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "meta": dict(meta or {})}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(p)
+
+
+def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[MetaSGD, dict]:
+    """(model, blob). With `space`, checks that the checkpoint's encoding layout and feature shape match it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: predictor checkpoint not found")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable predictor checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{p}: not a dass_ray predictor checkpoint (format {FORMAT!r} expected)")
+    cfg = PredictorConfig.from_dict(blob["predictor_config"])
+    if space is not None:
+        want = json.loads(json.dumps(space.encoding_layout()))
+        if json.loads(json.dumps(blob["encoding_layout"])) != want or cfg.feature_channels != space.feature_channels:
+            raise ValueError(f"{p}: the predictor was trained for a different search space "
+                             f"(encoding layout / feature channels differ from space {space.name!r})")
+    model = MetaSGD(Predictor(cfg), inner_steps=int(blob.get("inner_steps", 1)))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob

@@ -1,0 +1,56 @@
+"""Small shared helpers for the Ray layers (starting/attaching, progress lines)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Attach to `address` (a cluster) or start a local Ray instance; a no-op when already connected."""
+    if ray.is_initialized():
+        return
+    kw = dict(ignore_reinit_error=True, log_to_driver=not quiet, configure_logging=True,
+              logging_level="ERROR" if quiet else "INFO")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kw)
+
+
+class Progress:
+    """A progress line: a tqdm bar on a terminal, a plain line at most every `every_s` otherwise."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 10.0, stream=None):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream or sys.stderr
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True)
+
+    def update(self, k: int = 1, note: str = "") -> None:
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+            if note:
+                self.bar.set_postfix_str(note)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.n >= self.total:
+            self.last = now
+            el = now - self.t0
+            eta = el / self.n * (self.total - self.n) if self.n else float("nan")
+            print(f"[{self.desc}] {self.n}/{self.total} elapsed {el:.0f}s eta {eta:.0f}s {note}",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,722 @@
+"""The search on Ray: encoder actors -> predictor replicas -> a score-driven Tune searcher -> KD trials.
+
+Stages (each logged to `<output>/events.jsonl` with gapless sequence numbers, and resumable with `resume=True`):
+validate -> [teacher] -> embed/score (candidates.parquet) -> kd (trials.parquet) -> export -> done | failed.
+Validation happens before any Ray work (`prepare`); errors there are `InputError` (exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.tune.search import Searcher
+
+from dass_ray.config import ScaleConfig, get_scale
+from dass_ray.data import DatasetError, bundled_path
+from dass_ray.embed import Embedder
+from dass_ray.kd import (SoftLabels, TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
+                         train_kd, train_teacher)
+from dass_ray.meta import MetaSGD, teacher_support
+from dass_ray.metadataset import dataset_task
+from dass_ray.metatrain import load_predictor
+from dass_ray.nets import build
+from dass_ray.predictor import PredictorBatch
+from dass_ray.rayutil import Progress
+from dass_ray.resources import ray_options
+from dass_ray.space import ArchConfig, SpaceConfig, get_space
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_TEACHER = ASSETS / "teachers" / "mnist5k_cpu.pt"
+DEFAULT_PREDICTOR = ASSETS / "predictor" / "cpu.pt"
+
+
+class InputError(ValueError):
+    """Bad user input, detected before any Ray work."""
+
+
+@dataclass
+class SearchConfig:
+    dataset: str = "mnist5k"
+    teacher: str = str(DEFAULT_TEACHER)  # a checkpoint path, or "train" to train one on the dataset first
+    output: str = "runs/search"
+    predictor: str = str(DEFAULT_PREDICTOR)
+    max_flops: float | None = None
+    max_params: float | None = None
+    candidates: int = 2000
+    top_k: int = 5
+    kd_epochs: int | None = None  # None: the scale's
+    encoders: int = 2
+    predictors: int = 1
+    batch_size: int = 256  # candidates per encoder call
+    seed: int = 0
+    address: str | None = None
+    scale: str = "cpu"
+    resume: bool = False
+    readapt: bool = False  # re-adapt on teacher + measured students after each KD trial and re-rank the rest
+    asha: bool = False
+    max_concurrent: int | None = None  # KD trials at once (default: cluster CPUs)
+    data_root: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Events and state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Append-only JSON lines with gapless sequence numbers (continues across resumes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seq = 0
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    self.seq = int(json.loads(line)["seq"]) + 1
+                except (ValueError, KeyError):
+                    break  # a torn last line from a kill: overwrite from here
+            self._truncate_to_seq()
+
+    def _truncate_to_seq(self) -> None:
+        lines = self.path.read_text().splitlines()[: self.seq]
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+    def emit(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
+        ev = {"seq": self.seq, "time": time.time(), "stage": stage, "done": int(done), "total": int(total),
+              "message": message}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(ev) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.seq += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (no Ray)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    cfg: SearchConfig
+    scale: ScaleConfig
+    space: SpaceConfig
+    data: TensorData
+    teacher: TeacherCheckpoint | None  # None: train one
+    predictor: MetaSGD
+    out: Path
+
+
+def _dataset_path(s: str) -> str:
+    p = Path(s)
+    if not p.exists():
+        try:
+            return str(bundled_path(s))
+        except Exception:
+            raise InputError(f"--dataset: {s} does not exist (a Parquet/.npz file, an ImageFolder directory, "
+                             f"or a bundled name: mnist5k, omniglot_small)") from None
+    return s
+
+
+def prepare(cfg: SearchConfig) -> Prepared:
+    """Check every input; raise InputError with a one-line reason. No Ray work happens here."""
+    for name in ("candidates", "top_k", "encoders", "predictors", "batch_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if cfg.top_k > cfg.candidates:
+        raise InputError(f"--top-k {cfg.top_k} exceeds --candidates {cfg.candidates}")
+    if cfg.kd_epochs is not None and cfg.kd_epochs < 1:
+        raise InputError(f"--kd-epochs must be >= 1, got {cfg.kd_epochs}")
+    for name in ("max_flops", "max_params"):
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    try:
+        scale = get_scale(cfg.scale)
+    except ValueError as e:
+        raise InputError(f"--scale: {e}") from None
+    if cfg.kd_epochs:
+        scale = scale.replace(kd={"epochs": cfg.kd_epochs})
+    ds_path = _dataset_path(cfg.dataset)
+    teacher = None
+    if cfg.teacher != "train":
+        try:
+            teacher = load_teacher(cfg.teacher)
+        except ValueError as e:
+            raise InputError(f"--teacher: {e}") from None
+    try:
+        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root)
+    except (DatasetError, ValueError) as e:
+        raise InputError(f"--dataset: {e}") from None
+    space = get_space(scale.space, data.num_classes)
+    if teacher is not None:
+        if teacher.space.num_classes != data.num_classes:
+            raise InputError(f"--teacher: its head has {teacher.space.num_classes} classes but the dataset "
+                             f"{ds_path} has {data.num_classes}")
+        if dataclasses.replace(teacher.space, num_classes=space.num_classes) != space:
+            raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
+                             f"({teacher.space.image_size}px); this search uses {space.name!r}")
+    try:
+        space.check_budget(max_flops=cfg.max_flops, max_params=cfg.max_params)
+    except ValueError as e:
+        raise InputError(f"budget: {e}") from None
+    try:
+        predictor, _ = load_predictor(cfg.predictor, space)
+    except ValueError as e:
+        raise InputError(f"--predictor: {e}") from None
+    out = Path(cfg.output)
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
+    return Prepared(cfg, scale, space, data, teacher, predictor, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Actors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class EncoderActor:
+    """Holds the teacher (folded for the batched engine) once; embeds batches of candidate configs."""
+
+    def __init__(self, teacher_sd: dict, space: dict, seed: int = 0, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.space = SpaceConfig.from_dict(space)
+        self.engine = Embedder(teacher_sd, self.space, seed=seed)
+
+    def embed(self, batch_id: int, arch_jsons: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+        archs = [ArchConfig.from_json(a) for a in arch_jsons]
+        maps = self.engine.embed(archs).numpy()
+        return batch_id, maps, self.space.encode_many(archs).astype(np.float32)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_restarts=-1, max_task_retries=2)
+class PredictorActor:
+    """Holds the adapted predictor parameters; GPU when it was given one."""
+
+    def __init__(self, predictor_cfg: dict, params: dict, teacher_map: np.ndarray, threads: int = 1):
+        from dass_ray.predictor import Predictor, PredictorConfig
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.model = Predictor(PredictorConfig.from_dict(predictor_cfg)).to(self.device).eval()
+        self.params = {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
+        self.tmap = torch.as_tensor(teacher_map).to(self.device)
+
+    @torch.no_grad()
+    def score(self, batch_id: int, maps: np.ndarray, codes: np.ndarray) -> tuple[int, np.ndarray]:
+        b = PredictorBatch(torch.as_tensor(maps).to(self.device), self.tmap, torch.as_tensor(codes).to(self.device))
+        return batch_id, self.model(b, self.params).float().cpu().numpy()
+
+    def device_name(self) -> str:
+        return self.device
+
+
+def adapted_params(model: MetaSGD, support: PredictorBatch) -> dict[str, torch.Tensor]:
+    with torch.enable_grad():
+        return {k: v.detach().clone() for k, v in model.adapt(support, first_order=True).items()}
+
+
+def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfig], model: MetaSGD,
+                     teacher_acc: float, *, encoders: int = 2, predictors: int = 1, batch_size: int = 256,
+                     probe_seed: int = 0, on_progress=None, actors: list | None = None) -> np.ndarray:
+    """Predicted post-KD accuracy of every candidate, in candidate order (each scored exactly once).
+
+    Batches go to `encoders` actors (at most two in flight each); a batch whose actor dies is re-queued on a
+    restarted or new actor. Embeddings stream on to `predictors` replicas holding the adapted predictor.
+    """
+    eng = Embedder(teacher_sd, space, seed=probe_seed)
+    tmap = eng.teacher_embedding().clone()
+    support = teacher_support(tmap, torch.from_numpy(space.encode(space.teacher()).astype(np.float32)), teacher_acc)
+    params = {k: v.numpy() for k, v in adapted_params(model, support).items()}
+    sd_ref = ray.put({k: v.detach().cpu() for k, v in teacher_sd.items()})
+    enc_opts = ray_options("encoder")
+    pred_opts = ray_options("predictor")
+    # Fit E encoders + P CPU replicas into what the cluster has (a laptop has fewer CPUs than actors requested);
+    # an autoscaling cluster advertises its worker types, so nothing is scaled down there.
+    total = float(ray.cluster_resources().get("CPU", 1))
+    autoscaling = any(k.startswith("dass_autoscale") for k in ray.cluster_resources())
+    want = encoders * enc_opts["num_cpus"] + (0 if pred_opts.get("num_gpus") else predictors * pred_opts["num_cpus"])
+    if want > total and not autoscaling:
+        f = total / want
+        enc_opts = {**enc_opts, "num_cpus": enc_opts["num_cpus"] * f}
+        if not pred_opts.get("num_gpus"):
+            pred_opts = {**pred_opts, "num_cpus": pred_opts["num_cpus"] * f}
+
+    def new_encoder():
+        return EncoderActor.options(**enc_opts).remote(sd_ref, space.to_dict(), probe_seed,
+                                                       max(1, int(enc_opts["num_cpus"])))
+
+    encs = actors if actors is not None else [new_encoder() for _ in range(encoders)]
+    preds = [PredictorActor.options(**pred_opts).remote(model.predictor.cfg.to_dict(), params, tmap.numpy())
+             for _ in range(predictors)]
+    batches = [archs[i:i + batch_size] for i in range(0, len(archs), batch_size)]
+    queue = deque(range(len(batches)))
+    inflight: dict = {}  # ref -> (kind, batch_id, actor index)
+    load = {i: 0 for i in range(len(encs))}
+    scores: dict[int, np.ndarray] = {}
+    rr = 0
+
+    def dispatch():
+        for i in range(len(encs)):
+            while queue and load[i] < 2:
+                b = queue.popleft()
+                ref = encs[i].embed.remote(b, [a.to_json() for a in batches[b]])
+                inflight[ref] = ("embed", b, i)
+                load[i] += 1
+
+    dispatch()
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ref = ready[0]
+        kind, b, i = inflight.pop(ref)
+        try:
+            out = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+            if kind == "embed":
+                load[i] -= 1
+                queue.appendleft(b)  # re-queue the shard: it was not scored
+                try:
+                    ray.get(encs[i].node.remote(), timeout=30)  # restarted?
+                except Exception:
+                    encs[i] = new_encoder()  # permanently dead (e.g. ray.kill): replace it
+                    load[i] = 0
+                dispatch()
+                continue
+            raise
+        if kind == "embed":
+            load[i] -= 1
+            _, maps, codes = out
+            pref = preds[rr % len(preds)].score.remote(b, maps, codes)
+            rr += 1
+            inflight[pref] = ("score", b, -1)
+            dispatch()
+        else:
+            assert b not in scores, f"batch {b} scored twice"
+            scores[b] = out[1]
+            if on_progress:
+                on_progress(len(batches[b]))
+    for a in preds:
+        ray.kill(a)
+    if actors is None:
+        for a in encs:
+            ray.kill(a)
+    return np.concatenate([scores[b] for b in range(len(batches))]) if batches else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tune searcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DaSSSearcher(Searcher):
+    """Proposes candidates in predicted order, exactly `budget` of them.
+
+    `ranked`: candidate indices, best first. Repeated `suggest` for the same trial id returns the same config and
+    repeated `on_trial_complete` is ignored. With `rerank(measured) -> new order of the remaining indices`, the
+    order of what is left is recomputed after each finished trial. `save`/`restore` persist the state.
+    """
+
+    def __init__(self, arch_jsons: list[str], predicted: np.ndarray, ranked: list[int], budget: int,
+                 metric: str = "best_acc", mode: str = "max", rerank=None, done: dict | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.arch_jsons, self.predicted = list(arch_jsons), np.asarray(predicted, dtype=float)
+        self.remaining = [int(i) for i in ranked]
+        self.budget = int(budget)
+        self.rerank = rerank
+        self.assigned: dict[str, int] = {}
+        self.completed: dict[str, tuple[int, float | None]] = {}
+        self.prior = dict(done or {})  # candidate index -> measured accuracy (finished before a resume)
+        self.remaining = [i for i in self.remaining if i not in self.prior]
+
+    def suggest(self, trial_id: str):
+        if trial_id in self.assigned:
+            return self._config(self.assigned[trial_id])
+        if len(self.assigned) + len(self.prior) >= self.budget or not self.remaining:
+            return Searcher.FINISHED
+        idx = self.remaining.pop(0)
+        self.assigned[trial_id] = idx
+        return self._config(idx)
+
+    def _config(self, idx: int) -> dict:
+        return {"index": idx, "arch_json": self.arch_jsons[idx], "predicted": float(self.predicted[idx])}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.completed or trial_id not in self.assigned:
+            return
+        acc = None if (error or not result or result.get(self.metric) is None) else float(result[self.metric])
+        self.completed[trial_id] = (self.assigned[trial_id], acc)
+        if self.rerank is not None and self.remaining:
+            measured = dict(self.prior)
+            measured.update({i: a for i, a in self.completed.values() if a is not None})
+            self.remaining = list(self.rerank(measured, list(self.remaining)))
+
+    def measured(self) -> dict[int, float | None]:
+        out = dict(self.prior)
+        out.update({i: a for i, a in self.completed.values()})
+        return out
+
+    def get_state(self) -> dict:
+        return {"remaining": self.remaining, "assigned": self.assigned, "completed": self.completed,
+                "prior": self.prior, "budget": self.budget}
+
+    def set_state(self, state: dict) -> None:
+        self.remaining, self.assigned = list(state["remaining"]), dict(state["assigned"])
+        self.completed, self.prior, self.budget = dict(state["completed"]), dict(state["prior"]), state["budget"]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KD trials
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kd_trainable(config: dict, ctx: dict) -> None:
+    """A Tune function trainable: one student's KD run, checkpointed every epoch, resumable."""
+    import tempfile
+
+    from ray import tune
+
+    torch.set_num_threads(int(ctx.get("threads", 1)))
+    arch = ArchConfig.from_json(config["arch_json"])
+    resume = None
+    ck = tune.get_checkpoint()
+    if ck is not None:
+        with ck.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+
+    class _Rep:
+        def report(self, metrics, state):
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state(), Path(d) / "state.pt")
+                tune.report({"val_acc": metrics["val_acc"], "best_acc": metrics["best_acc"],
+                             "epoch": metrics["epoch"], "loss": metrics["loss"], "status": "running"},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+
+    res = train_kd(arch, ctx["space"], ctx["teacher_sd"], ctx["data"], ctx["kd"], seed=ctx["seed"],
+                   soft=ctx["soft"], reporter=_Rep(), resume=resume)
+    if not res.ok:
+        tune.report({"val_acc": res.final_acc, "best_acc": None, "epoch": res.epochs, "status": "failed",
+                     "reason": res.reason})
+
+
+class _TrialRecorder:
+    """A Tune callback that appends every finished trial to trials.parquet at once (resume keeps them)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def make(self):
+        from ray.tune import Callback
+
+        run = self.run
+
+        class CB(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                run.record_trial(trial)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                run.record_trial(trial, error=True)
+
+        return CB()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SearchRun:
+    def __init__(self, prep: Prepared, log=print):
+        self.p = prep
+        self.cfg = prep.cfg
+        self.out = prep.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.out / "events.jsonl")
+        self.state_path = self.out / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"timings": {}}
+        self.log = log
+        self.trial_rows: list[dict] = []
+        tp = self.out / "trials.parquet"
+        if tp.exists():
+            self.trial_rows = pq.read_table(tp).to_pylist()
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_name("state.json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def run(self) -> dict:
+        cfg, p = self.cfg, self.p
+        try:
+            self.events.emit("validate", 1, 1, f"dataset {cfg.dataset}: {p.data.num_classes} classes, "
+                             f"{len(p.data.y_train)} train / {len(p.data.y_val)} val images")
+            teacher = self._teacher()
+            self.teacher = teacher
+            scored = self._score(teacher)
+            trials = self._kd(teacher, scored)
+            result = self._export(teacher, scored, trials)
+            self.events.emit("done", 1, 1, f"best student {result['best']['measured_acc']:.4f} "
+                             f"(teacher {result['teacher_acc']:.4f})")
+            return result
+        except Exception as e:
+            self.events.emit("failed", 0, 0, f"{type(e).__name__}: {e}")
+            raise
+
+    # stages ---------------------------------------------------------------------------------------------------
+
+    def _teacher(self) -> TeacherCheckpoint:
+        p = self.p
+        if p.teacher is not None:
+            return p.teacher
+        path = self.out / "teacher.pt"
+        if path.exists():
+            return load_teacher(path)
+        t0 = time.time()
+        total = p.scale.teacher.epochs
+        self.events.emit("teacher", 0, total, "training a teacher on the dataset")
+        ev = self.events
+
+        class Rep:
+            def report(self, m, state):
+                ev.emit("teacher", m["epoch"], total, f"val acc {m['val_acc']:.4f}")
+
+        model, res = train_teacher(p.space, p.data, p.scale.teacher, seed=self.cfg.seed, reporter=Rep())
+        model.load_state_dict(round_half(model.state_dict()))
+        from dass_ray.kd import evaluate, save_teacher
+
+        acc = evaluate(model, p.data.x_val, p.data.y_val)
+        save_teacher(path, model, p.space, acc, p.data.class_names, half=True,
+                     meta={"trained_by": "search", "history": res.history})
+        self.state["timings"]["teacher_s"] = round(time.time() - t0, 2)
+        self._save_state()
+        return load_teacher(path)
+
+    def _score(self, teacher: TeacherCheckpoint) -> pa.Table:
+        cfg, p = self.cfg, self.p
+        cp = self.out / "candidates.parquet"
+        if cp.exists() and self.state.get("scored"):
+            self.events.emit("score", cfg.candidates, cfg.candidates, "resumed: candidates already scored")
+            return pq.read_table(cp)
+        t0 = time.time()
+        rng = np.random.default_rng(cfg.seed)
+        archs = p.space.sample_many(rng, cfg.candidates, max_flops=cfg.max_flops, max_params=cfg.max_params)
+        self.state["timings"]["sample_s"] = round(time.time() - t0, 3)
+        n = len(archs)
+        self.events.emit("embed", 0, n, f"embedding {n} candidates on {cfg.encoders} encoder actor(s), scoring "
+                         f"on {cfg.predictors} predictor replica(s)")
+        prog = Progress(n, "score")
+        done = [0]
+        step = max(1, n // 20)
+
+        def on_progress(k):
+            done[0] += k
+            prog.update(k)
+            if done[0] % step < k or done[0] == n:
+                self.events.emit("score", done[0], n, "")
+
+        t1 = time.time()
+        scores = score_candidates(teacher.state_dict, p.space, archs, p.predictor, teacher.val_acc,
+                                  encoders=cfg.encoders, predictors=cfg.predictors, batch_size=cfg.batch_size,
+                                  on_progress=on_progress)
+        prog.close()
+        self.state["timings"]["score_s"] = round(time.time() - t1, 3)
+        order = np.argsort(-scores, kind="mergesort")
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        table = pa.table({
+            "index": np.arange(n, dtype=np.int64), "arch_json": [a.to_json() for a in archs],
+            "arch_digest": [a.digest() for a in archs],
+            "flops": np.array([p.space.flops(a) for a in archs], dtype=np.int64),
+            "params": np.array([p.space.params(a) for a in archs], dtype=np.int64),
+            "predicted_acc": scores.astype(np.float64), "rank": rank,
+        })
+        tmp = cp.with_name(cp.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, cp)
+        self.state["scored"] = True
+        self._save_state()
+        return table
+
+    def record_trial(self, trial, error: bool = False) -> None:
+        r = trial.last_result or {}
+        conf = trial.config
+        failed = error or r.get("status") == "failed" or r.get("best_acc") is None
+        row = {"index": int(conf["index"]), "arch_json": conf["arch_json"], "predicted_acc": float(conf["predicted"]),
+               "measured_acc": None if failed else float(r["best_acc"]),
+               "final_acc": None if failed else float(r.get("val_acc", 0.0)), "epochs": int(r.get("epoch", 0) or 0),
+               "status": "failed" if failed else "ok",
+               "reason": str(r.get("reason") or (trial.error_file and "trial error") or ""),
+               "time_s": float(r.get("time_total_s", 0.0) or 0.0), "trial_id": trial.trial_id,
+               "checkpoint": (trial.checkpoint.path if trial.checkpoint is not None else "")}
+        if any(x["index"] == row["index"] for x in self.trial_rows):
+            return
+        self.trial_rows.append(row)
+        tp = self.out / "trials.parquet"
+        tmp = tp.with_name(tp.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(self.trial_rows), tmp)
+        os.replace(tmp, tp)
+        self.events.emit("kd", len(self.trial_rows), self.cfg.top_k,
+                         f"student #{row['index']}: predicted {row['predicted_acc']:.4f}, "
+                         + (f"measured {row['measured_acc']:.4f}" if row["status"] == "ok" else f"failed ({row['reason']})"))
+
+    def _kd(self, teacher: TeacherCheckpoint, cands: pa.Table) -> list[dict]:
+        from ray import tune
+        from ray.tune import RunConfig, TuneConfig, Tuner
+
+        cfg, p = self.cfg, self.p
+        t0 = time.time()
+        arch_jsons = cands["arch_json"].to_pylist()
+        predicted = cands["predicted_acc"].to_numpy()
+        ranked = list(np.argsort(-predicted, kind="mergesort"))
+        done = {r["index"]: r["measured_acc"] for r in self.trial_rows}
+        remaining = cfg.top_k - len(done)
+        if remaining <= 0:
+            self.events.emit("kd", len(done), cfg.top_k, "resumed: all KD trials already finished")
+            return self.trial_rows
+        soft = compute_soft_labels(teacher.model(), p.data.x_train, views=2 if p.scale.kd.flip else 1)
+        ctx = {"space": p.space, "teacher_sd": teacher.state_dict, "data": p.data, "kd": p.scale.kd,
+               "seed": cfg.seed, "soft": soft, "threads": 1}
+        rerank = self._reranker(teacher, arch_jsons) if cfg.readapt else None
+        searcher = DaSSSearcher(arch_jsons, predicted, ranked, cfg.top_k, rerank=rerank, done=done)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        scheduler = None
+        if cfg.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=p.scale.kd.epochs, grace_period=1, reduction_factor=2)
+        self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} ({remaining} to run, "
+                         f"{p.scale.kd.epochs} epochs each)")
+        from ray.tune import PlacementGroupFactory
+
+        trainable = tune.with_resources(tune.with_parameters(kd_trainable, ctx=ctx),
+                                        PlacementGroupFactory([_bundle("kd_trial")]))
+        tuner = Tuner(
+            trainable,
+            tune_config=TuneConfig(search_alg=searcher, num_samples=remaining, metric="best_acc", mode="max",
+                                   scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent or max(1, cpus)),
+            run_config=RunConfig(name="kd", storage_path=str((self.out / "tune").resolve()),
+                                 callbacks=[_TrialRecorder(self).make()], verbose=0,
+                                 failure_config=tune.FailureConfig(max_failures=2)),
+        )
+        tuner.fit()
+        self.state["timings"]["kd_s"] = round(self.state["timings"].get("kd_s", 0) + time.time() - t0, 2)
+        self.state["readapt"] = bool(cfg.readapt)
+        self._save_state()
+        return self.trial_rows
+
+    def _reranker(self, teacher: TeacherCheckpoint, arch_jsons: list[str]):
+        """Re-adapt on the teacher + measured students, then re-score the remaining top candidates."""
+        p = self.p
+        eng = Embedder(teacher.state_dict, p.space)
+        tmap = eng.teacher_embedding().clone()
+        tcode = torch.from_numpy(p.space.encode(p.space.teacher()).astype(np.float32))
+
+        def rerank(measured: dict[int, float], remaining: list[int]) -> list[int]:
+            head = remaining[: max(4 * self.cfg.top_k, 64)]
+            idx = list(measured)
+            archs = [ArchConfig.from_json(arch_jsons[i]) for i in idx]
+            sup = PredictorBatch(torch.cat([tmap, eng.embed(archs).clone()]), tmap,
+                                 torch.cat([tcode[None], torch.from_numpy(p.space.encode_many(archs))]),
+                                 torch.tensor([teacher.val_acc] + [measured[i] for i in idx], dtype=torch.float32))
+            qa = [ArchConfig.from_json(arch_jsons[i]) for i in head]
+            q = PredictorBatch(eng.embed(qa), tmap, torch.from_numpy(p.space.encode_many(qa)))
+            s = p.predictor.predict(sup, q).numpy()
+            return [head[j] for j in np.argsort(-s, kind="mergesort")] + remaining[len(head):]
+
+        return rerank
+
+    def _export(self, teacher: TeacherCheckpoint, cands: pa.Table, trials: list[dict]) -> dict:
+        p, cfg = self.p, self.cfg
+        t0 = time.time()
+        ok = [r for r in trials if r["status"] == "ok"]
+        if not ok:
+            raise RuntimeError(f"all {len(trials)} KD trials failed: " + "; ".join(r["reason"] for r in trials[:3]))
+        best = max(ok, key=lambda r: r["measured_acc"])
+        self.events.emit("export", 0, 1, f"exporting student #{best['index']}")
+        arch = ArchConfig.from_json(best["arch_json"])
+        state = torch.load(Path(best["checkpoint"]) / "state.pt", map_location="cpu", weights_only=False)
+        sd = state.get("best_model") or state["model"]
+        model = build(arch, p.space)
+        model.load_state_dict(sd)
+        model.eval()
+        torch.save({"format": "dass_ray.student/1", "arch": arch.to_dict(), "space": p.space.to_dict(),
+                    "state_dict": sd, "class_names": list(p.data.class_names)}, self.out / "student.pt")
+        example = torch.zeros(1, 3, p.space.image_size, p.space.image_size)
+        scripted = torch.jit.trace(model, example)
+        scripted.save(str(self.out / "student.torchscript.pt"))
+        row = cands.slice(best["index"], 1).to_pylist()[0]
+        self.state["timings"]["export_s"] = round(time.time() - t0, 3)
+        result = {
+            "best": {"arch": arch.to_dict(), "arch_json": arch.to_json(), "measured_acc": best["measured_acc"],
+                     "predicted_acc": best["predicted_acc"], "flops": int(row["flops"]), "params": int(row["params"]),
+                     "index": best["index"], "predicted_rank": int(row["rank"])},
+            "teacher_acc": teacher.val_acc,
+            "teacher_flops": int(p.space.flops(p.space.teacher())), "teacher_params": int(p.space.params(p.space.teacher())),
+            "timings": self.state["timings"], "candidates": cands.num_rows, "top_k": cfg.top_k,
+            "trials": [{k: r[k] for k in ("index", "predicted_acc", "measured_acc", "status")} for r in trials],
+            "budget": {"max_flops": cfg.max_flops, "max_params": cfg.max_params}, "readapt": cfg.readapt,
+            "dataset": cfg.dataset, "class_names": list(p.data.class_names),
+            "image_size": p.space.image_size, "normalize": {"mean": 0.5, "std": 0.5},
+        }
+        (self.out / "result.json").write_text(json.dumps(result, indent=1))
+        self._report(cands, trials, result)
+        self.events.emit("export", 1, 1, "wrote student.pt, student.torchscript.pt, result.json, report.png")
+        self._save_state()
+        return result
+
+    def _report(self, cands: pa.Table, trials: list[dict], result: dict) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        ok = [r for r in trials if r["status"] == "ok"]
+        a1.scatter([r["predicted_acc"] for r in ok], [r["measured_acc"] for r in ok], c="C1")
+        for r in ok:
+            a1.annotate(str(r["index"]), (r["predicted_acc"], r["measured_acc"]), fontsize=7)
+        a1.set_xlabel("predicted post-KD accuracy")
+        a1.set_ylabel("measured post-KD accuracy")
+        a1.set_title("distilled students")
+        flops = cands["flops"].to_numpy() / 1e6
+        a2.scatter(flops, cands["predicted_acc"].to_numpy(), s=3, c="0.7", label="candidates (predicted)")
+        a2.scatter([flops[r["index"]] for r in ok], [r["measured_acc"] for r in ok], c="C1", label="distilled (measured)")
+        a2.axhline(result["teacher_acc"], ls=":", c="k", lw=1, label="teacher")
+        if self.cfg.max_flops:
+            a2.axvline(self.cfg.max_flops / 1e6, ls="--", c="C3", lw=1, label="FLOPs budget")
+        a2.set_xlabel("MFLOPs")
+        a2.set_ylabel("accuracy")
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.out / "report.png", dpi=100)
+        plt.close(fig)
+
+
+def _bundle(kind: str) -> dict:
+    from dass_ray.resources import resource_bundle
+
+    return resource_bundle(kind)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Build (or continue) the DaSS meta-dataset on Ray: teachers (Ray Train), soft labels, KD-trained students.
+
+Resumable: rerun the same command to continue; finished teachers and students are skipped.
+
+    python scripts/build_metadataset.py --scale cpu --plan cpu --output artifacts/metadataset \
+        --data-root ../shared/datasets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from dass_ray.config import get_scale
+from dass_ray.metadataset import PLANS, MetaDatasetStore
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default="cpu", help="training scale (dass_ray.config.SCALES): cpu | tiny | paper")
+    ap.add_argument("--plan", default=None, help="task plan (dass_ray.metadataset.PLANS); default: the scale's name")
+    ap.add_argument("--output", required=True, help="meta-dataset directory (created; reused to resume)")
+    ap.add_argument("--data-root", default=None, help="root of the dataset files named in the plan "
+                    "(default: bundled data, then ../shared/datasets)")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--teacher-cpus", type=int, default=1, help="CPUs (and torch threads) per teacher training")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many student runs (for slicing)")
+    ap.add_argument("--students-per-task", type=int, default=None, help="override the scale's value")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compact", action="store_true", help="merge appended parts into students.parquet at the end")
+    args = ap.parse_args(argv)
+    try:
+        scale = get_scale(args.scale)
+        groups = PLANS[args.plan or args.scale]
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.students_per_task:
+        scale = scale.replace(students_per_task=args.students_per_task)
+    from dass_ray.labelgen import build
+    from dass_ray.rayutil import init_ray
+
+    init_ray(args.address, args.num_cpus)
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    man = build(args.output, scale, groups, data_root=args.data_root, seed=args.seed, max_runs=args.max_runs,
+                teacher_cpus=args.teacher_cpus, command=cmd, log=lambda m: print(m, flush=True))
+    if args.compact:
+        MetaDatasetStore(args.output).compact()
+    print(json.dumps({"students": man["students"], "total_wall_s": man["total_wall_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

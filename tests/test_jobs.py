@@ -1,0 +1,295 @@
+"""The job runner (dass_ray.jobs): the SQLite job table / event log, reading a search's events.jsonl, and real
+searches run as detached local processes (re-attach after a restart, resume after the process is lost, bounded
+concurrency). The gRPC layer and Ray Jobs are covered in test_server.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dass_ray import jobs as J
+from dass_ray.data import bundled_path
+
+TEACHER = Path(J.__file__).resolve().parent / "assets" / "teachers" / "mnist5k_cpu.pt"
+
+
+def spec(**kw) -> J.SearchSpec:
+    d = dict(dataset="mnist5k", dataset_path=str(bundled_path("mnist5k")))
+    d.update(kw)
+    return J.SearchSpec(**d)
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.2):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_store_uses_wal_and_survives_reopen(tmp_path):
+    st = J.JobStore(tmp_path / "jobs.sqlite")
+    assert st.journal_mode().lower() == "wal"
+    job, created = st.create("alice", "", spec())
+    assert created and job.state == J.QUEUED and job.last_sequence == 0
+    st.append(job.job_id, [{"stage": "validate", "done": 1, "total": 1, "message": "ok"}])
+    st.close()
+    st2 = J.JobStore(tmp_path / "jobs.sqlite")  # a new process would see the same
+    again = st2.get(job.job_id)
+    assert again.spec == job.spec and again.stage == "validate" and again.last_sequence == 1
+    assert [e.stage for e in st2.events(job.job_id)] == ["queued", "validate"]
+    assert st2.get(job.job_id, owner="bob") is None  # owner-scoped lookups
+    # Another connection (another process) reads while this one holds a write transaction: WAL.
+    other = sqlite3.connect(tmp_path / "jobs.sqlite")
+    with st2.tx() as con:
+        con.execute("UPDATE jobs SET message='x' WHERE job_id=?", (job.job_id,))
+        assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    other.close()
+
+
+def test_request_id_gives_one_job_and_refuses_a_different_request(tmp_path):
+    st = J.JobStore(tmp_path / "j.sqlite")
+    a, c1 = st.create("alice", "req-1", spec(candidates=10, top_k=2))
+    b, c2 = st.create("alice", "req-1", spec(candidates=10, top_k=2))
+    assert c1 and not c2 and a.job_id == b.job_id
+    c, c3 = st.create("bob", "req-1", spec(candidates=10, top_k=2))  # keys are per client
+    assert c3 and c.job_id != a.job_id
+    with pytest.raises(J.RequestConflict):
+        st.create("alice", "req-1", spec(candidates=11, top_k=2))
+    assert st.count() == 2
+
+
+def test_concurrent_submits_with_one_request_id_make_one_job(tmp_path):
+    st = J.JobStore(tmp_path / "j.sqlite")
+    ids, errors = [], []
+
+    def go():
+        try:
+            ids.append(st.create("alice", "same", spec())[0].job_id)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=go) for _ in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errors and len(set(ids)) == 1 and st.count() == 1
+
+
+def test_queue_cap(tmp_path):
+    st = J.JobStore(tmp_path / "j.sqlite")
+    for _ in range(3):
+        st.create("alice", "", spec(), max_queued=3)
+    with pytest.raises(J.QueueFull):
+        st.create("alice", "", spec(), max_queued=3)
+
+
+def test_event_sequence_is_gapless_under_concurrent_writers(tmp_path):
+    st = J.JobStore(tmp_path / "j.sqlite")
+    job, _ = st.create("alice", "", spec())
+
+    def writer(k):
+        for i in range(25):
+            st.append(job.job_id, [{"stage": "kd", "done": i, "total": 25, "message": f"w{k}"}])
+
+    ts = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    seqs = [e.seq for e in st.events(job.job_id)]
+    assert seqs == list(range(101))
+    assert st.get(job.job_id).last_sequence == 100
+
+
+def test_list_is_newest_first_and_pages_by_key(tmp_path):
+    st = J.JobStore(tmp_path / "j.sqlite")
+    made = [st.create("alice", "", spec(), now=1000.0 + i)[0].job_id for i in range(7)]
+    st.create("bob", "", spec(), now=2000.0)
+    page1 = st.list(owner="alice", limit=3)
+    page2 = st.list(owner="alice", limit=3, after=(page1[-1].created, page1[-1].job_id))
+    page3 = st.list(owner="alice", limit=3, after=(page2[-1].created, page2[-1].job_id))
+    got = [j.job_id for j in page1 + page2 + page3]
+    assert got == made[::-1]
+    assert st.list(owner="alice", states=[J.RUNNING]) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The search contract, without running it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_spec_validation_names_the_field():
+    for kw, field in [(dict(max_flops=-1), "budget.max_flops"), (dict(max_params=-5), "budget.max_params"),
+                      (dict(candidates=-1), "candidates"), (dict(candidates=5, top_k=6), "top_k"),
+                      (dict(kd_epochs=-2), "kd_epochs"), (dict(seed=-1), "seed")]:
+        with pytest.raises(J.SpecError) as e:
+            spec(**kw).validate()
+        assert e.value.field == field
+    spec(candidates=5, top_k=5).validate()
+
+
+def test_search_args_follow_the_contract(tmp_path):
+    s = spec(teacher_path="/t.pt", max_flops=1000, candidates=20, top_k=2, kd_epochs=1, seed=3, scale="tiny")
+    a = s.search_args(tmp_path, resume=True, address="auto", extra=["--encoders", "1"])
+    assert a[:6] == ["--dataset", s.dataset_path, "--teacher", "/t.pt", "--output", str(tmp_path)]
+    for flag, v in [("--max-flops", "1000"), ("--candidates", "20"), ("--top-k", "2"), ("--kd-epochs", "1"),
+                    ("--seed", "3"), ("--scale", "tiny"), ("--address", "auto"), ("--encoders", "1")]:
+        assert a[a.index(flag) + 1] == v
+    assert a[-1] == "--resume" and "--max-params" not in a
+    assert spec().search_args(tmp_path, resume=False)[3] == "train"
+    assert J.SearchSpec.from_dict(json.loads(s.canonical())) == s
+
+
+def _write(path: Path, events: list[dict], tail: bytes = b"") -> None:
+    path.write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in events) + tail)
+
+
+def test_reading_events_holds_back_the_terminal_one(tmp_path):
+    p = tmp_path / "events.jsonl"
+    assert J.read_search_events(p, 0) == ([], 0, None)
+    evs = [{"seq": i, "stage": s, "done": 0, "total": 0, "message": ""} for i, s in enumerate(["validate", "embed"])]
+    _write(p, evs, tail=b'{"seq": 2, "sta')  # a line still being written
+    got, off, pending = J.read_search_events(p, 0)
+    assert [e["stage"] for e in got] == ["validate", "embed"] and pending is None
+    assert off == len(p.read_bytes()) - len(b'{"seq": 2, "sta')
+    _write(p, evs + [{"seq": 2, "stage": "failed", "message": "boom"}])
+    got, off2, pending = J.read_search_events(p, off)
+    assert got == [] and off2 == off and pending["message"] == "boom"  # not consumed
+    # The search was resumed after that "failed": it is stale and skipped; a torn line is skipped too.
+    _write(p, evs + [{"seq": 2, "stage": "failed", "message": "boom"}], tail=b"garbage\n" + json.dumps(
+        {"seq": 3, "stage": "kd", "done": 1, "total": 2, "message": ""}).encode() + b"\n")
+    got, off3, pending = J.read_search_events(p, off)
+    assert [e["stage"] for e in got] == ["kd"] and pending is None and off3 == len(p.read_bytes())
+
+
+def test_truncate_partial_line(tmp_path):
+    p = tmp_path / "events.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"b"')
+    J.truncate_partial_line(p)
+    assert p.read_bytes() == b'{"a": 1}\n'
+    J.truncate_partial_line(tmp_path / "missing")  # no error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real searches as detached local processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _procs_with(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _kill_all(marker: str) -> None:
+    for pid in _procs_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def local_env(monkeypatch):
+    """A private Ray temp dir (short: Ray's socket paths are length-limited) so the searches' own local Ray
+    instances never touch another Ray on this machine; everything started under it is killed at the end."""
+    tmp = tempfile.mkdtemp(prefix="djt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield tmp
+    _kill_all(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _runner(state: Path, **kw) -> J.JobRunner:
+    extra = ["--encoders", "1", "--predictors", "1"]
+    cfg = J.RunnerConfig(poll_s=0.2, extra_args=extra, **kw)
+    return J.JobRunner(state, J.LocalBackend(), cfg)
+
+
+@pytest.mark.slow
+def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, local_env):
+    r = _runner(tmp_path, max_running=1)
+    ids = [r.submit("alice", "", spec(dataset_path=str(tmp_path / f"missing-{i}.parquet"), scale="tiny"))[0].job_id
+           for i in range(3)]
+    most = [0]
+
+    def all_done():
+        most[0] = max(most[0], r.store.count(J.RUNNING))
+        return all(r.store.get(i).terminal for i in ids)
+
+    r.start()
+    try:
+        wait_for(all_done, 120, "three failing searches", step=0.05)
+    finally:
+        r.stop()
+    jobs = [r.store.get(i) for i in ids]
+    assert most[0] == 1
+    assert [j.state for j in jobs] == [J.FAILED] * 3
+    assert all("missing-" in j.error and "--dataset" in j.error for j in jobs), [j.error for j in jobs]
+    assert jobs[0].started <= jobs[1].started <= jobs[2].started  # in submission order
+    for j in jobs:  # every log ends with exactly one terminal event
+        evs = r.store.events(j.job_id)
+        assert [e.seq for e in evs] == list(range(len(evs)))
+        assert [e.terminal for e in evs].count(True) == 1 and evs[-1].stage == "failed"
+
+
+@pytest.mark.slow
+def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env):
+    """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still
+    running process; then, during KD, the process is killed without an exit status (machine/worker loss): B
+    launches it again with --resume and it finishes from its saved stage (the scored candidates are kept)."""
+    s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=2)
+    a = _runner(tmp_path).start()
+    job, _ = a.submit("alice", "", s)
+    wait_for(lambda: a.store.get(job.job_id).stage in ("embed", "score", "kd"), 180, "the search to start")
+    a.stop()
+    handle = json.loads(a.store.get(job.job_id).handle)
+
+    b = _runner(tmp_path).start()
+    try:
+        j = b.store.get(job.job_id)
+        assert j.state == J.RUNNING and j.attempts == 1 and b.backend.poll(j.handle).kind == "running"
+        # B keeps recording the re-attached search's events, up to its KD stage.
+        wait_for(lambda: (j := b.store.get(job.job_id)).stage == "kd" or j.terminal, 180, "the KD stage")
+        assert not b.store.get(job.job_id).terminal, "the search ended before it could be interrupted"
+        os.killpg(handle["pid"], signal.SIGKILL)  # launcher and search die; no exit file is written
+        _kill_all(local_env)  # and the search's own local Ray instance with them
+        final = wait_for(lambda: (j := b.store.get(job.job_id)).terminal and j, 300, "the resumed search")
+    finally:
+        b.stop()
+    assert final.state == J.SUCCEEDED, final.error
+    assert final.attempts == 2
+    evs = b.store.events(job.job_id)
+    assert [e.seq for e in evs] == list(range(len(evs)))
+    assert evs[-1].stage == "done" and [e.terminal for e in evs].count(True) == 1
+    stages = [e.stage for e in evs]
+    i = stages.index("resumed")
+    assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # candidates were not scored again
+    out = b.output_dir(job.job_id)
+    res = json.loads((out / "result.json").read_text())
+    assert 0 <= res["best"]["measured_acc"] <= 1 and (out / "student.torchscript.pt").is_file()
+    # The search's own sequence numbers continue across the resume, with no gap.
+    seqs = [json.loads(line)["seq"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert seqs == list(range(len(seqs)))

@@ -1,0 +1,156 @@
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dass_ray.config import KDConfig, TeacherConfig
+from dass_ray.data import bundled_path, load_dataset, load_task_data, make_class_subset_tasks
+from dass_ray.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, kd_loss, load_teacher,
+                         round_half, save_teacher, train_kd, train_teacher)
+from dass_ray.space import get_space
+
+
+@pytest.fixture(scope="module")
+def mnist_task():
+    ds = load_dataset(bundled_path("mnist5k"))
+    task = make_class_subset_tasks(ds, source="mnist5k", path="mnist5k", num_tasks=1, classes_per_task=3,
+                                   train_per_class=100, val_per_class=30, seed=0, prefix="t")[0]
+    tr, va = load_task_data(task, ds)
+    return TensorData.from_datasets(tr, va, 32)
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(mnist_task):
+    torch.set_num_threads(2)
+    space = get_space("cpu", 3)
+    model, res = train_teacher(space, mnist_task, TeacherConfig(epochs=5, batch_size=32, lr=0.05), seed=0)
+    return space, model, res
+
+
+def test_kd_loss_matches_formula():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    out = kd_loss(s, t, y, alpha=0.3, temperature=2.0)
+    p = F.softmax(t / 2, 1)
+    soft_ce = -(p * F.log_softmax(s / 2, 1)).sum(1).mean()
+    ce = F.cross_entropy(s, y)
+    assert torch.allclose(out["kd_loss"], 4 * soft_ce)
+    assert torch.allclose(out["task_loss"], ce)
+    assert torch.allclose(out["loss"], 0.7 * 4 * soft_ce + 0.3 * ce)
+
+
+def test_teacher_learns_real_data(trained_teacher):
+    _, _, res = trained_teacher
+    assert res.ok and res.best_acc > 0.6, res.history  # chance is 1/3
+
+
+def test_cached_logits_equal_teacher_in_loop(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    idx = torch.arange(0, 40)
+    flips = torch.rand(40, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        live = teacher(_flip(mnist_task.x_train[idx], flips))
+    assert torch.allclose(soft.lookup(idx, flips), live, atol=1e-5)
+    arch = space.smallest()
+    for flip in (False, True):  # same KD loss, step by step, with augmentation off and with the cached flip view
+        cfg = KDConfig(epochs=1, batch_size=32, flip=flip)
+        a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, soft=soft)
+        b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, teacher=teacher)
+        assert a.ok and b.ok
+        for k in ("loss", "kd_loss", "task_loss"):
+            assert math.isclose(a.history[0][k], b.history[0][k], rel_tol=1e-4), (flip, k)
+
+
+def test_soft_label_file_round_trip(tmp_path, mnist_task, trained_teacher):
+    _, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train, meta={"teacher": "abc"})
+    p = tmp_path / "soft.parquet"
+    soft.save(p)
+    back = SoftLabels.load(p, expect={"teacher": "abc"})
+    assert torch.equal(back.logits, soft.logits)
+    with pytest.raises(ValueError, match="teacher='abc', expected 'xyz'"):
+        SoftLabels.load(p, expect={"teacher": "xyz"})
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="bad.parquet"):
+        SoftLabels.load(tmp_path / "bad.parquet")
+
+
+def test_kd_beats_chance_and_is_deterministic(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    arch = space.sample(np.random.default_rng(0))
+    cfg = KDConfig(epochs=3, batch_size=32)
+    a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
+    b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
+    assert a.ok and a.best_acc > 0.6, a.history  # chance 1/3
+    assert a.best_acc == max(h["val_acc"] for h in a.history) and a.final_acc == a.history[-1]["val_acc"]
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_resume_from_reported_state_equals_uninterrupted(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    arch = space.smallest()
+    cfg = KDConfig(epochs=2, batch_size=32)
+    full = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft)
+
+    class StopAfterFirst(ListReporter):
+        def report(self, metrics, state):
+            super().report(metrics, state)
+            if metrics["epoch"] == 1:
+                self.last_state = state()
+                raise KeyboardInterrupt  # simulates a killed trial
+
+    rep = StopAfterFirst()
+    with pytest.raises(KeyboardInterrupt):
+        train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft, reporter=rep)
+    resumed = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft,
+                       resume=rep.last_state)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]
+    assert strip(resumed.history) == strip(full.history)
+    assert all(torch.allclose(resumed.state_dict[k].float(), full.state_dict[k].float())
+               for k in full.state_dict)
+
+
+def test_diverging_run_is_a_failed_result(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    soft.logits[0, 5, 0] = float("nan")  # one poisoned logit -> non-finite loss when its batch comes
+    res = train_kd(space.smallest(), space, teacher.state_dict(), mnist_task,
+                   KDConfig(epochs=1, batch_size=32, flip=False), seed=0, soft=soft)
+    assert res.status == "failed" and "non-finite loss" in res.reason and res.epochs == 0
+    huge = train_kd(space.smallest(), space, teacher.state_dict(), mnist_task,
+                    KDConfig(epochs=2, batch_size=32, lr=1e12), seed=0, soft=compute_soft_labels(teacher, mnist_task.x_train))
+    assert huge.status == "failed" and "non-finite" in huge.reason
+
+
+def test_kd_rejects_mismatched_inputs(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    with pytest.raises(ValueError, match="cached soft labels or a teacher"):
+        train_kd(space.smallest(), space, teacher.state_dict(), mnist_task, KDConfig())
+    with pytest.raises(ValueError, match="5-class head"):
+        train_kd(space.smallest(), get_space("cpu", 5), teacher.state_dict(), mnist_task, KDConfig(), teacher=teacher)
+
+
+def test_teacher_checkpoint_round_trip_and_errors(tmp_path, trained_teacher, mnist_task):
+    space, teacher, res = trained_teacher
+    p = tmp_path / "t.pt"
+    save_teacher(p, teacher, space, res.best_acc, mnist_task.class_names, meta={"x": 1}, half=True)
+    ck = load_teacher(p)
+    assert ck.space == space and ck.class_names == mnist_task.class_names and ck.meta == {"x": 1}
+    rounded = round_half(teacher.state_dict())
+    assert all(torch.equal(ck.state_dict[k], rounded[k]) for k in rounded)
+    assert p.stat().st_size < 0.6 * 4 * space.params(space.teacher()) + 200_000  # float16 on disk
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="junk.pt: not a readable teacher checkpoint"):
+        load_teacher(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not found"):
+        load_teacher(tmp_path / "missing.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dass_ray teacher checkpoint"):
+        load_teacher(tmp_path / "other.pt")

@@ -1,0 +1,652 @@
+"""The gRPC front door on a real server bound to a loopback port, with a real local Ray head for the searches.
+
+The module starts its own Ray head (private temp dir and ports; stopped by killing only the processes it
+started) and a `dass-ray serve --address <that head's dashboard>` subprocess, which the tests kill and restart.
+Slow tests run the real scripts/search.py at the tiny scale as Ray Jobs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dass_ray.client import TERMINAL, ClientError, SearchClient, sha256_file, state_name
+from dass_ray.data import bundled_path
+from dass_ray.v1 import search_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
+MNIST = bundled_path("mnist5k")
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
+UPLOAD_CAP_MB = 8
+TINY = dict(scale="tiny", candidates=24, top_k=2, kd_epochs=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes this module starts (and only those are ever killed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pids_under(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker`, and all their descendants."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (ppid, cmd)
+    chosen = {pid for pid, (_, cmd) in procs.items() if marker in cmd and pid != os.getpid()}
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _) in procs.items() if ppid in chosen} - chosen
+        grew = bool(kids)
+        chosen |= kids
+    return sorted(chosen)
+
+
+def kill_under(marker: str) -> None:
+    for pid in _pids_under(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    t0 = time.monotonic()
+    while _pids_under(marker) and time.monotonic() - t0 < 15:
+        time.sleep(0.2)
+
+
+class RayHead:
+    """`ray start --head` under a private temp dir and private ports; `kill()` kills only its processes (and
+    their children, e.g. the drivers of its Ray Jobs): the equivalent of losing the head node."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="dts", dir="/tmp")  # short: Ray's socket paths are length-limited
+        (self.gcs, self.dash, self.agent_http, self.agent_grpc, self.metrics, self.rt_env, self.client_port,
+         self.node_manager, self.object_manager) = free_ports(9)
+        self.env = dict(os.environ, RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        self.address = f"http://127.0.0.1:{self.dash}"
+
+    def start(self) -> None:
+        ray = Path(sys.executable).parent / "ray"
+        cmd = [str(ray), "start", "--head", f"--port={self.gcs}", f"--dashboard-port={self.dash}",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
+               f"--temp-dir={self.tmp}", f"--dashboard-agent-listen-port={self.agent_http}",
+               f"--dashboard-agent-grpc-port={self.agent_grpc}", f"--metrics-export-port={self.metrics}",
+               f"--runtime-env-agent-port={self.rt_env}", f"--ray-client-server-port={self.client_port}",
+               f"--node-manager-port={self.node_manager}", f"--object-manager-port={self.object_manager}",
+               "--node-ip-address=127.0.0.1"]
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, f"ray start failed:\n{r.stdout}\n{r.stderr}"
+        from ray.job_submission import JobSubmissionClient
+
+        t0 = time.monotonic()
+        while True:
+            try:
+                JobSubmissionClient(self.address).list_jobs()
+                return
+            except Exception:  # noqa: BLE001
+                if time.monotonic() - t0 > 120:
+                    raise
+                time.sleep(1)
+
+    def kill(self) -> None:
+        kill_under(self.tmp)
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def job_status(self, submission_id: str) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        return str(JobSubmissionClient(self.address).get_job_status(submission_id)).split(".")[-1]
+
+
+class Server:
+    """`python -m dass_ray.cli serve` as a subprocess on a fixed port and state dir (restartable)."""
+
+    def __init__(self, state_dir: Path, token_file: Path, address: str | None, env: dict):
+        self.state_dir, self.token_file, self.address, self.env = state_dir, token_file, address, env
+        self.port = free_ports(1)[0]
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir.parent / "server.log"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "dass_ray.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--state-dir", str(self.state_dir), "--token-file", str(self.token_file), "--grace", "3",
+               "--max-upload-mb", str(UPLOAD_CAP_MB), "--encoders", "1", "--predictors", "1", "-v"]
+        if self.address:
+            cmd += ["--address", self.address]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     cwd=str(ROOT))
+        c = SearchClient(f"127.0.0.1:{self.port}", "x", timeout=2)
+        t0 = time.monotonic()
+        while True:
+            try:
+                if c.health() == "SERVING":
+                    break
+            except ClientError:
+                pass
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < 90, "server did not become healthy"
+            time.sleep(0.3)
+        c.close()
+
+    def signal(self, sig: int, wait: float = 30) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=wait)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    p.write_text("# client-name token\n" + "".join(f"{k} {v}\n" for k, v in TOKENS.items()))
+    return p
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead()
+    try:
+        head.start()
+        yield head
+    finally:
+        head.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(ray_head, token_file, tmp_path_factory):
+    state = tmp_path_factory.mktemp("svc") / "state"
+    srv = Server(state, token_file, ray_head.address, ray_head.env)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def client(srv: Server, who: str = "alice", **kw) -> SearchClient:
+    return SearchClient(f"127.0.0.1:{srv.port}", TOKENS.get(who, who), **kw)
+
+
+@pytest.fixture
+def alice(server):
+    with client(server, "alice") as c:
+        yield c
+
+
+@pytest.fixture
+def bob(server):
+    with client(server, "bob") as c:
+        yield c
+
+
+def code_of(fn, *a, **kw) -> grpc.StatusCode:
+    with pytest.raises(ClientError) as e:
+        r = fn(*a, **kw)
+        if hasattr(r, "__next__"):
+            list(r)
+    return e.value.code
+
+
+def expect(code: grpc.StatusCode, fn, *a, contains: str = "", **kw) -> str:
+    with pytest.raises(ClientError) as e:
+        r = fn(*a, **kw)
+        if hasattr(r, "__next__"):
+            list(r)
+    assert e.value.code == code, f"expected {code}, got {e.value.code}: {e.value}"
+    assert contains in str(e.value), f"{contains!r} not in {e.value}"
+    return str(e.value)
+
+
+def wait_job(c: SearchClient, job_id: str, pred, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        j = c.get_job(job_id)
+        if pred(j):
+            return j
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; job: {c.get_job(job_id)}")
+
+
+def raw_upload(c: SearchClient, messages, method="UploadDataset", timeout=30):
+    try:
+        return getattr(c.stub, method)(iter(messages), metadata=c._md, timeout=timeout)
+    except grpc.RpcError as e:
+        raise c._error(e) from None
+
+
+def header(data: bytes, name="d.parquet", size=None, sha=None) -> pb.UploadChunk:
+    import hashlib
+
+    return pb.UploadChunk(header=pb.UploadHeader(filename=name, size_bytes=len(data) if size is None else size,
+                                                 sha256=sha or hashlib.sha256(data).hexdigest()))
+
+
+def small_parquet(rows: int = 30, classes: int = 10, corrupt_row: int | None = None) -> bytes:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(MNIST)
+    keep = [i for i in range(t.num_rows) if t["label"][i].as_py() < classes]
+    step = max(1, len(keep) // rows)
+    t = t.take(keep[::step][:rows])
+    if corrupt_row is not None:
+        import pyarrow as pa
+
+        imgs = t["image"].to_pylist()
+        imgs[corrupt_row] = b"definitely not a PNG"
+        t = t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, type=t.schema.field("image").type))
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast: the service itself
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_health_and_reflection_answer_without_a_token(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    hs = health_pb2_grpc.HealthStub(ch)
+    for svc in ("", "dass_ray.v1.SearchService"):
+        assert hs.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                          timeout=5))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"dass_ray.v1.SearchService", "grpc.health.v1.Health"} <= names
+    stub = __import__("dass_ray.v1.search_pb2_grpc", fromlist=["x"]).SearchServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListJobs(pb.ListJobsRequest(), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+
+
+def test_auth_tokens_and_job_ownership(server, alice, bob, tmp_path):
+    for bad in ("wrong-token-0123456789", ""):
+        with client(server, bad) as c:
+            assert code_of(c.get_job, "abc") == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda: c.watch("abc")) == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(c.upload_dataset, MNIST) == grpc.StatusCode.UNAUTHENTICATED
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = __import__("dass_ray.v1.search_pb2_grpc", fromlist=["x"]).SearchServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as e:  # a token without the Bearer scheme
+        stub.ListJobs(pb.ListJobsRequest(), metadata=(("authorization", TOKENS["alice"]),), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ch.close()
+
+    job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True, **TINY)
+    alice.wait(job.job_id, timeout_s=30)
+    for call in (lambda: bob.get_job(job.job_id), lambda: bob.watch(job.job_id), lambda: bob.cancel(job.job_id),
+                 lambda: bob.result(job.job_id), lambda: bob.download(job.job_id, "torchscript", tmp_path)):
+        assert code_of(call) == grpc.StatusCode.NOT_FOUND
+    assert job.job_id not in {j.job_id for j in bob.list_jobs()}
+    assert job.job_id in {j.job_id for j in alice.list_jobs()}
+
+
+def test_uploads_are_validated_and_content_addressed(alice, bob):
+    ds = alice.upload_dataset(MNIST)
+    assert ds.dataset_id == f"sha256:{sha256_file(MNIST)}"
+    assert (ds.num_classes, ds.num_images, ds.image_height, ds.image_width) == (10, 5000, 28, 28)
+    assert alice.upload_dataset(MNIST).already_present
+    assert not bob.upload_dataset(MNIST).already_present  # ids are per client, storage is shared
+    t = alice.upload_teacher(TEACHER)
+    assert t.num_classes == 10 and t.space == "cpu" and 0 < t.val_acc <= 1
+    # Another client cannot use alice's ids without uploading the bytes itself.
+    expect(grpc.StatusCode.NOT_FOUND, SearchClient.submit, bob, dataset_id=ds.dataset_id, teacher_id=t.teacher_id,
+           **TINY, contains="teacher_id")
+
+
+def test_hostile_uploads_answer_the_right_status_and_leave_the_server_healthy(server, alice):
+    good = small_parquet()
+    cap = UPLOAD_CAP_MB << 20
+    chunks = [pb.UploadChunk(data=good[i:i + 4096]) for i in range(0, len(good), 4096)]
+    IA, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    expect(IA, raw_upload, alice, [header(good, sha="0" * 64)] + chunks, contains="sha256")
+    expect(IA, raw_upload, alice, [header(good, sha="nothex")] + chunks, contains="sha256")
+    expect(RE, raw_upload, alice, [header(good, size=cap + 1)] + chunks, contains="cap")
+    expect(IA, raw_upload, alice, [header(good)] + chunks[:-1], contains="truncated")
+    expect(IA, raw_upload, alice, [header(good, size=len(good) - 1)] + chunks, contains="more than")
+    expect(IA, raw_upload, alice, chunks, contains="header")
+    expect(IA, raw_upload, alice, [], contains="header")
+    expect(IA, raw_upload, alice, [header(good), header(good)] + chunks, contains="header")
+    expect(IA, raw_upload, alice, [header(good, size=0)], contains="size_bytes")
+    expect(IA, raw_upload, alice, [header(good, name="d.csv")] + chunks, contains="filename")
+    bad = small_parquet(corrupt_row=7)
+    msg = expect(IA, raw_upload, alice, [header(bad), pb.UploadChunk(data=bad)], contains="row 7")
+    assert "image" in msg and "d.parquet" in msg
+    junk = os.urandom(5000)
+    expect(IA, raw_upload, alice, [header(junk, name="t.pt"), pb.UploadChunk(data=junk)], method="UploadTeacher",
+           contains="teacher")
+    # A client that gives up mid-stream: the server drops the partial file.
+    gate = threading.Event()
+
+    def slow():
+        yield header(good)
+        yield chunks[0]
+        gate.wait(10)
+
+    fut = alice.stub.UploadDataset.future(slow(), metadata=alice._md, timeout=30)
+    time.sleep(0.5)
+    fut.cancel()
+    gate.set()
+    time.sleep(0.5)
+    assert alice.health() == "SERVING"
+    assert alice.upload_dataset(MNIST).num_images == 5000
+    assert list((server.state_dir / "tmp").iterdir()) == []  # nothing half-written is left behind
+
+
+def test_submit_validation(alice, tmp_path):
+    IA, NF, PD = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
+    ok = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True)
+    cases = [
+        (dict(teacher_path=str(TEACHER)), IA, "dataset"),
+        (dict(dataset_path=str(MNIST)), IA, "teacher"),
+        (dict(ok, max_flops=-1), IA, "budget.max_flops"),
+        (dict(ok, max_params=-1), IA, "budget.max_params"),
+        (dict(ok, candidates=-3), IA, "candidates"),
+        (dict(ok, candidates=5, top_k=6), IA, "top_k"),
+        (dict(ok, kd_epochs=-1), IA, "kd_epochs"),
+        (dict(ok, scale="huge"), IA, "scale"),
+        (dict(ok, max_flops=10), IA, "budget"),  # no student is that small
+        (dict(ok, request_id="has space"), IA, "request_id"),
+        (dict(ok, dataset_path=None, dataset_id="sha256:" + "0" * 64), NF, "dataset_id"),
+        (dict(ok, dataset_path=None, dataset_id="nonsense"), IA, "dataset_id"),
+        (dict(ok, dataset_path="relative/path.parquet"), IA, "dataset_path"),
+        (dict(ok, dataset_path="/etc/passwd"), PD, "dataset_path"),
+        (dict(ok, dataset_path=str(MNIST.parent / "../../../../etc/passwd")), PD, "dataset_path"),
+        (dict(ok, dataset_path=str(MNIST.parent / "nope.parquet")), NF, "dataset_path"),
+        (dict(ok, teacher_path=None, teacher_id="sha256:" + "1" * 64), NF, "teacher_id"),
+    ]
+    for kw, code, field in cases:
+        expect(code, alice.submit, contains=field, **kw)
+    # A teacher whose head does not match the dataset's classes is refused at submit.
+    three = small_parquet(rows=30, classes=3)
+    p = tmp_path / "three.parquet"
+    p.write_bytes(three)
+    ds = alice.upload_dataset(p)
+    assert ds.num_classes == 3
+    expect(IA, alice.submit, dataset_id=ds.dataset_id, teacher_path=str(TEACHER), dry_run=True,
+           contains="10 classes but the dataset has 3")
+    assert alice.health() == "SERVING"
+
+
+def test_dry_run_jobs_request_ids_and_listing(alice):
+    kw = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True, **TINY)
+    j1 = alice.submit(request_id="dup-1", **kw)
+    j2 = alice.submit(request_id="dup-1", **kw)
+    assert j1.job_id == j2.job_id  # a retried submit gives the same job
+    expect(grpc.StatusCode.INVALID_ARGUMENT, alice.submit, request_id="dup-1", **dict(kw, candidates=30),
+           contains="request_id")
+    evs = list(alice.watch(j1.job_id))
+    assert [e.sequence for e in evs] == list(range(len(evs)))
+    assert evs[0].stage == "queued" and evs[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert [e.state in TERMINAL for e in evs].count(True) == 1
+    assert list(alice.watch(j1.job_id, from_sequence=len(evs) - 1)) == evs[-1:]
+    assert list(alice.watch(j1.job_id, from_sequence=len(evs) + 5)) == []  # past the end of a finished job
+    expect(grpc.StatusCode.FAILED_PRECONDITION, alice.result, j1.job_id, contains="dry run")
+    expect(grpc.StatusCode.FAILED_PRECONDITION, alice.cancel, j1.job_id, contains="finished")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice.watch(j1.job_id, from_sequence=-1))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, alice.get_job, "", contains="job_id")
+    expect(grpc.StatusCode.NOT_FOUND, alice.get_job, "x" * 5000)
+    # Listing: newest first, in pages, by state.
+    made = [alice.submit(**kw).job_id for _ in range(5)]
+    for j in made:
+        alice.wait(j, timeout_s=30)
+    listed = [j.job_id for j in alice.list_jobs(page_size=2)]
+    assert listed[:5] == made[::-1] and len(listed) == len(set(listed))
+    assert all(state_name(j.state) == "SUCCEEDED" for j in alice.list_jobs(states=("succeeded",)))
+    assert all(state_name(j.state) == "CANCELLED" for j in alice.list_jobs(states=("cancelled",)))
+    r = alice.stub.ListJobs(pb.ListJobsRequest(page_size=10_000), metadata=alice._md, timeout=10)
+    assert len(r.jobs) <= 500
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice._call(alice.stub.ListJobs,
+           pb.ListJobsRequest(page_token="zz")), contains="page_token")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice._call(alice.stub.ListJobs,
+           pb.ListJobsRequest(page_size=-1)), contains="page_size")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-process servers (no Ray): queue, deadlines, drain, TLS
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _inproc(tmp_path, token_file, **kw):
+    from dass_ray.server import ServerConfig, create_server
+
+    cfg = ServerConfig(state_dir=tmp_path / "state", token_file=token_file, port=0, host="127.0.0.1", **kw)
+    return create_server(cfg)
+
+
+def test_queue_cap_order_deadline_cancel_and_drain(tmp_path, token_file):
+    svc, port = _inproc(tmp_path, token_file, max_running=0, max_queued=2, grace_s=2)  # a paused service
+    c = SearchClient(f"127.0.0.1:{port}", TOKENS["alice"])
+    try:
+        kw = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), **TINY)
+        j1, j2 = c.submit(**kw), c.submit(**kw)
+        assert (j1.queue_position, j2.queue_position) == (0, 1)
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, c.submit, contains="queue", **kw)
+        # Deadlines are honoured: a watch of a job that is not moving ends at the client's deadline.
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.stub.WatchJob(pb.WatchJobRequest(job_id=j1.job_id), metadata=c._md, timeout=1.0))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
+        # Cancelling a queued job is immediate and frees its place.
+        done = c.cancel(j1.job_id)
+        assert state_name(done.state) == "CANCELLED"
+        assert [e.stage for e in c.watch(j1.job_id)][-1] == "cancelled"
+        assert c.get_job(j2.job_id).queue_position == 0
+        j3 = c.submit(**kw)
+        # Drain: an open watcher is told to come back, new work is refused, queued jobs are kept.
+        errs = []
+
+        def watcher():
+            try:
+                list(c.watch(j2.job_id, reconnect=False))
+            except ClientError as e:
+                errs.append(e.code)
+
+        th = threading.Thread(target=watcher)
+        th.start()
+        time.sleep(0.5)
+        svc.servicer.draining.set()
+        svc.runner.drain()
+        expect(grpc.StatusCode.UNAVAILABLE, c.upload_dataset, MNIST, contains="shutting down")
+        t0 = time.monotonic()
+        svc.stop()
+        th.join(10)
+        assert errs == [grpc.StatusCode.UNAVAILABLE] and time.monotonic() - t0 < 10
+    finally:
+        c.close()
+        svc.stop()
+    svc2, port2 = _inproc(tmp_path, token_file, max_running=0)
+    try:
+        with SearchClient(f"127.0.0.1:{port2}", TOKENS["alice"]) as c2:
+            assert [state_name(c2.get_job(j.job_id).state) for j in (j1, j2, j3)] == ["CANCELLED", "QUEUED",
+                                                                                     "QUEUED"]
+    finally:
+        svc2.stop()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    kp, cp = tmp_path / "key.pem", tmp_path / "cert.pem"
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cp, kp
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path, token_file):
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed(tmp_path)
+    svc, port = _inproc(tmp_path, token_file, tls_cert=cert, tls_key=key)
+    try:
+        with SearchClient(f"localhost:{port}", TOKENS["alice"], tls_ca=cert) as c:
+            assert c.health() == "SERVING"
+            job = c.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True)
+            assert state_name(c.wait(job.job_id, timeout_s=30).state) == "SUCCEEDED"
+        with SearchClient(f"localhost:{port}", TOKENS["alice"], timeout=3) as plain:  # no TLS: refused
+            assert code_of(plain.get_job, job.job_id) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        svc.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slow: real searches as Ray Jobs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_end_to_end_across_server_restarts(server, ray_head, alice, tmp_path):
+    """upload -> submit -> watch (SIGTERM drain, then SIGKILL, each followed by a restart, while a reconnecting
+    watcher follows) -> result -> download a TorchScript student that runs with plain torch."""
+    ds = alice.upload_dataset(MNIST)
+    t = alice.upload_teacher(TEACHER)
+    job = alice.submit(dataset_id=ds.dataset_id, teacher_id=t.teacher_id, request_id="e2e-1", **TINY)
+    assert alice.submit(dataset_id=ds.dataset_id, teacher_id=t.teacher_id, request_id="e2e-1", **TINY).job_id \
+        == job.job_id
+    got, errors = [], []
+
+    def follow():
+        try:
+            with client(server, "alice") as c:
+                for ev in c.watch(job.job_id, give_up_after_s=180):
+                    got.append(ev)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=follow)
+    th.start()
+    wait_job(alice, job.job_id, lambda j: j.stage in ("validate", "embed", "score", "kd"), 300,
+             "the search to report progress")
+    # SIGKILL mid-job: nothing is lost, the restarted server re-attaches to the running Ray Job.
+    assert state_name(alice.get_job(job.job_id).state) == "RUNNING"
+    server.signal(signal.SIGKILL)
+    assert ray_head.job_status(f"dass-{job.job_id}-1") in ("RUNNING", "SUCCEEDED")
+    server.start()
+    seen = alice.get_job(job.job_id).last_sequence
+    j = wait_job(alice, job.job_id, lambda j: j.last_sequence > seen or j.state in TERMINAL, 120, "more progress")
+    # SIGTERM: the server drains and exits cleanly; the Ray Job keeps running.
+    assert server.signal(signal.SIGTERM) == 0
+    if j.state not in TERMINAL:
+        assert ray_head.job_status(f"dass-{job.job_id}-1") in ("RUNNING", "SUCCEEDED")
+    server.start()
+    th.join(300)
+    assert not errors, errors
+    assert [e.sequence for e in got] == list(range(len(got)))  # no gap, no repeat across the restarts
+    assert got[-1].stage == "done" and got[-1].state == pb.JOB_STATE_SUCCEEDED
+    stages = [e.stage for e in got]
+    assert stages.index("validate") < stages.index("score") < stages.index("kd") < stages.index("export")
+    # A fresh watcher from the middle gets exactly the rest.
+    mid = len(got) // 2
+    assert [e.sequence for e in alice.watch(job.job_id, from_sequence=mid)] == list(range(mid, len(got)))
+    final = alice.get_job(job.job_id)
+    assert state_name(final.state) == "SUCCEEDED" and final.attempts == 1  # re-attached, never relaunched
+    r = alice.result(job.job_id)
+    assert 0 <= r.best.measured_acc <= 1 and math.isfinite(r.best.predicted_acc) and r.best.flops > 0
+    assert r.best.params > 0 and len(r.best.depths) == 4 and r.top_k == 2 and r.candidates == 24
+    assert 0 < r.teacher_acc <= 1 and r.timings_s
+    assert {a.filename for a in r.artifacts} >= {"student.torchscript.pt", "student.pt", "report.png",
+                                                  "candidates.parquet", "trials.parquet"}
+    path = alice.download(job.job_id, "torchscript", tmp_path)
+    import torch
+
+    model = torch.jit.load(str(path))
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert alice.download(job.job_id, "report", tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def _search_running(c, job_id):
+    return wait_job(c, job_id, lambda j: j.stage in ("embed", "score", "kd") or j.state in TERMINAL, 300,
+                    "the search to start")
+
+
+@pytest.mark.slow
+def test_cancel_a_running_search(server, ray_head, alice):
+    job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **dict(TINY, top_k=4, kd_epochs=3))
+    j = _search_running(alice, job.job_id)
+    assert state_name(j.state) == "RUNNING"
+    c = alice.cancel(job.job_id)
+    assert c.cancel_requested or state_name(c.state) == "CANCELLED"
+    final = alice.wait(job.job_id, timeout_s=120)
+    assert state_name(final.state) == "CANCELLED"
+    evs = list(alice.watch(job.job_id))
+    assert evs[-1].stage == "cancelled" and [e.state in TERMINAL for e in evs].count(True) == 1
+    assert ray_head.job_status(f"dass-{job.job_id}-{final.attempts}") in ("STOPPED", "FAILED")
+    expect(grpc.StatusCode.FAILED_PRECONDITION, alice.cancel, job.job_id)
+    expect(grpc.StatusCode.FAILED_PRECONDITION, alice.result, job.job_id, contains="CANCELLED")
+
+
+@pytest.mark.slow
+def test_ray_head_restart_resumes_from_the_saved_stage(server, ray_head, alice):
+    job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **dict(TINY, kd_epochs=2))
+    wait_job(alice, job.job_id, lambda j: j.stage == "kd" or j.state in TERMINAL, 300, "the KD stage")
+    assert state_name(alice.get_job(job.job_id).state) == "RUNNING", "finished before the head could be killed"
+    ray_head.kill()  # the head node is lost, with its in-flight Ray Jobs
+    ray_head.start()
+    final = alice.wait(job.job_id, timeout_s=400)
+    assert state_name(final.state) == "SUCCEEDED", final.error
+    assert final.attempts == 2
+    evs = list(alice.watch(job.job_id))
+    stages = [e.stage for e in evs]
+    assert [e.sequence for e in evs] == list(range(len(evs)))
+    i = stages.index("resumed")
+    assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # scored candidates were kept
+    assert alice.result(job.job_id).best.measured_acc >= 0
