@@ -927,9 +927,9 @@ class JobRunner:
 
     def _launch(self, job: JobRow) -> bool:
         attempt = job.attempts + 1
-        resume = job.attempts > 0
         out = self.output_dir(job.job_id)
         out.mkdir(parents=True, exist_ok=True)
+        resume = job.attempts > 0 or any(out.iterdir())  # the search refuses a non-empty --output otherwise
         if resume:
             truncate_partial_line(out / "events.jsonl")
         address = "auto" if self.backend.name == "ray" else None
@@ -949,8 +949,9 @@ class JobRunner:
                 return False
             self._finalize(self.store.get(job.job_id), FAILED, f"could not start the search: {e}")
             return False
-        msg = (f"resumed from its last saved stage (attempt {attempt})" if resume
-               else f"started ({self.backend.name} backend)")
+        where = "a Ray Job" if self.backend.name == "ray" else "a local process"
+        msg = (f"relaunched as {where} with --resume (attempt {attempt}): continues from its last saved stage"
+               if resume else f"launched as {where}")
         self.store.append(job.job_id, [{"stage": "resumed" if resume else "started", "message": msg,
                                         "state": RUNNING, "time": now}], handle=handle)
         log.info("job %s: %s, handle %s", job.job_id, msg, handle)

@@ -321,8 +321,8 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     # ---- uploads ------------------------------------------------------------------------------------------
     def _receive(self, it, context, kind: str) -> tuple[str, Path, int, str]:
-        """Stream an upload into a temporary file, checking the header, size cap and sha256.
-        Returns (sha256, tmp_path, size, filename)."""
+        """Stream an upload into a temporary file, checking the header (before reading any data), the size cap
+        and the sha256. Returns (sha256, tmp_path, size, filename)."""
         first = next(it, None)
         if first is None or first.WhichOneof("part") != "header":
             raise _invalid("header", "the first message of an upload must carry the header")
@@ -330,6 +330,9 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         name = os.path.basename(h.filename.replace("\\", "/"))
         if not name or len(h.filename) > 255:
             raise _invalid("header.filename", "a file name of 1..255 characters is required")
+        if kind == "dataset" and Path(name).suffix.lower() not in _DATASET_EXTS:
+            raise _invalid("header.filename", f"a dataset upload must be a {' or '.join(_DATASET_EXTS)} file, "
+                           f"got {name!r}")
         if h.size_bytes <= 0:
             raise _invalid("header.size_bytes", f"must be > 0, got {h.size_bytes}")
         if h.size_bytes > self.cfg.max_upload_bytes:
@@ -373,9 +376,6 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             if mine is not None and Path(mine.path).is_file():
                 return mine, True
             ext = Path(name).suffix.lower()
-            if kind == "dataset" and ext not in _DATASET_EXTS:
-                raise _invalid("header.filename", f"a dataset upload must be a {' or '.join(_DATASET_EXTS)} file, "
-                               f"got {name!r}")
             final = self.blob_dir / f"{kind}s" / f"{sha}{ext if kind == 'dataset' else '.pt'}"
             known = self.store.find_upload(kind, sha)
             if known is not None and Path(known.path).is_file():
@@ -522,10 +522,17 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         spec.validate()  # cheap checks before touching any file
         dataset, dataset_path, dinfo = self._resolve(request, client, "dataset")
         teacher, teacher_path, tinfo = self._resolve(request, client, "teacher")
-        if tinfo is not None and tinfo["num_classes"] != dinfo["num_classes"]:
+        if tinfo is not None:
+            from dass_ray.config import get_scale
+
             field_name = request.WhichOneof("teacher")
-            raise _invalid(field_name, f"the teacher's head has {tinfo['num_classes']} classes but the dataset has "
-                           f"{dinfo['num_classes']}")
+            if tinfo["num_classes"] != dinfo["num_classes"]:
+                raise _invalid(field_name, f"the teacher's head has {tinfo['num_classes']} classes but the dataset "
+                               f"has {dinfo['num_classes']}")
+            want = get_scale(spec.scale or "cpu").space
+            if tinfo["space"] != want:
+                raise _invalid(field_name, f"the teacher belongs to search space {tinfo['space']!r}; scale "
+                               f"{spec.scale or 'cpu'!r} searches space {want!r}")
         self._check_budget(spec, tinfo, dinfo)
         import dataclasses
 

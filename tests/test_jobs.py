@@ -229,6 +229,7 @@ def _runner(state: Path, **kw) -> J.JobRunner:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, local_env):
     r = _runner(tmp_path, max_running=1)
     ids = [r.submit("alice", "", spec(dataset_path=str(tmp_path / f"missing-{i}.parquet"), scale="tiny"))[0].job_id
@@ -256,6 +257,7 @@ def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, lo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env):
     """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still
     running process; then, during KD, the process is killed without an exit status (machine/worker loss): B

@@ -553,6 +553,7 @@ def test_tls_with_a_self_signed_certificate(tmp_path, token_file):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_end_to_end_across_server_restarts(server, ray_head, alice, tmp_path):
     """upload -> submit -> watch (SIGTERM drain, then SIGKILL, each followed by a restart, while a reconnecting
     watcher follows) -> result -> download a TorchScript student that runs with plain torch."""
@@ -619,6 +620,7 @@ def _search_running(c, job_id):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cancel_a_running_search(server, ray_head, alice):
     job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **dict(TINY, top_k=4, kd_epochs=3))
     j = _search_running(alice, job.job_id)
@@ -635,6 +637,7 @@ def test_cancel_a_running_search(server, ray_head, alice):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_ray_head_restart_resumes_from_the_saved_stage(server, ray_head, alice):
     job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **dict(TINY, kd_epochs=2))
     wait_job(alice, job.job_id, lambda j: j.stage == "kd" or j.state in TERMINAL, 300, "the KD stage")
@@ -650,3 +653,22 @@ def test_ray_head_restart_resumes_from_the_saved_stage(server, ray_head, alice):
     i = stages.index("resumed")
     assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # scored candidates were kept
     assert alice.result(job.job_id).best.measured_acc >= 0
+
+
+def _uncommented(lines: list[str]) -> list[str]:
+    import re
+
+    decl = re.compile(r"^\s*(rpc\s+\w+|(optional\s+|repeated\s+)?[\w.<>, ]+\s+\w+\s*=\s*\d+;|[A-Z0-9_]+\s*=\s*\d+;)")
+    return [f"{i + 1}: {line.strip()}" for i, line in enumerate(lines)
+            if decl.match(line) and "UNSPECIFIED" not in line
+            and not (i > 0 and lines[i - 1].strip().startswith("//"))]
+
+
+def test_every_rpc_and_field_of_the_proto_is_commented():
+    """The .proto is the contract for clients in other languages: every RPC, message field and enum value
+    carries a comment on the line above it."""
+    assert _uncommented(["message A {", "  // ok", "  int64 a = 1;", "  string b = 2;", "  C c = 3;",
+                         "  X_ONE = 1;"]) == ["4: string b = 2;", "5: C c = 3;", "6: X_ONE = 1;"]
+    lines = (ROOT / "proto" / "dass_ray" / "v1" / "search.proto").read_text().splitlines()
+    bare = _uncommented(lines)
+    assert not bare, "uncommented declarations:\n" + "\n".join(bare)

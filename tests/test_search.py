@@ -1,0 +1,215 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dass_ray.data import bundled_path
+from dass_ray.search import DEFAULT_TEACHER, DaSSSearcher, InputError, SearchConfig, prepare
+from dass_ray.space import get_space
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def predictor_path(tmp_path_factory):
+    from dass_ray.metatrain import make_model, save_predictor
+
+    p = tmp_path_factory.mktemp("pred") / "pred.pt"
+    space = get_space("cpu")
+    save_predictor(p, make_model(space, seed=1), space, {"note": "untrained, for tests"})
+    return str(p)
+
+
+def cfg(tmp_path, predictor_path, **kw):
+    base = dict(dataset="mnist5k", teacher=str(DEFAULT_TEACHER), predictor=predictor_path,
+                output=str(tmp_path / "out"), scale="tiny", candidates=64, top_k=2, encoders=2, batch_size=16)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- validation (no Ray)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"dataset": "/nonexistent/data.parquet"}, "--dataset: /nonexistent/data.parquet does not exist"),
+    ({"teacher": "/nonexistent/t.pt"}, "--teacher: .*not found"),
+    ({"dataset": "omniglot_small"}, "head has 10 classes but the dataset .* has 242"),
+    ({"max_flops": 1000.0}, "budget: .*impossible"),
+    ({"top_k": 100, "candidates": 10}, "--top-k 100 exceeds --candidates 10"),
+    ({"candidates": 0}, "--candidates must be a positive integer"),
+    ({"max_params": -5.0}, "--max-params must be positive"),
+    ({"predictor": "/nonexistent/p.pt"}, "--predictor: .*not found"),
+    ({"scale": "huge"}, "--scale: unknown scale"),
+])
+def test_bad_inputs_are_rejected_before_ray(tmp_path, predictor_path, kw, msg):
+    with pytest.raises(InputError, match=msg):
+        prepare(cfg(tmp_path, predictor_path, **kw))
+
+
+def test_corrupt_dataset_names_the_row(tmp_path, predictor_path):
+    import pyarrow as pa
+
+    t = pq.read_table(bundled_path("mnist5k")).slice(0, 40)
+    imgs = t["image"].to_pylist()
+    imgs[7] = b"\x89PNG\r\n\x1a\nbroken"
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, pa.binary())), bad)
+    with pytest.raises(InputError, match="row 7"):
+        prepare(cfg(tmp_path, predictor_path, dataset=str(bad)))
+
+
+def test_nonempty_output_needs_resume(tmp_path, predictor_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(InputError, match="not empty; pass --resume"):
+        prepare(cfg(tmp_path, predictor_path))
+
+
+def test_cli_fails_fast_with_one_line_and_exit_2(tmp_path, predictor_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "search.py"), "--top-k", "9", "--candidates", "3",
+                        "--predictor", predictor_path, "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --top-k 9 exceeds --candidates 3"]
+    assert not (tmp_path / "o").exists()
+    h = subprocess.run([sys.executable, str(ROOT / "scripts" / "search.py"), "--help"], capture_output=True, text=True)
+    for flag in ("--dataset", "--teacher", "--max-flops", "--max-params", "--candidates", "--top-k", "--kd-epochs",
+                 "--encoders", "--predictors", "--seed", "--output", "--address"):
+        assert flag in h.stdout
+
+
+# ---------------------------------------------------------------------------------------------- searcher (no Ray)
+
+
+def test_searcher_proposes_in_predicted_order_exactly_budget():
+    archs = [f"a{i}" for i in range(6)]
+    pred = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2])
+    s = DaSSSearcher(archs, pred, list(np.argsort(-pred)), budget=3)
+    got = [s.suggest(f"t{i}") for i in range(3)]
+    assert [g["index"] for g in got] == [1, 3, 2]
+    assert s.suggest("t0") == got[0]  # repeated suggest for the same trial: same config
+    assert s.suggest("t9") == DaSSSearcher.FINISHED
+    s.on_trial_complete("t0", {"best_acc": 0.8})
+    s.on_trial_complete("t0", {"best_acc": 0.1})  # repeated callback ignored
+    s.on_trial_complete("zzz", {"best_acc": 0.1})  # unknown trial ignored
+    assert s.measured() == {1: 0.8}
+
+
+def test_searcher_save_restore_resumes(tmp_path):
+    archs = [f"a{i}" for i in range(5)]
+    pred = np.array([0.5, 0.4, 0.3, 0.2, 0.1])
+    s = DaSSSearcher(archs, pred, list(range(5)), budget=4)
+    s.suggest("t0"), s.suggest("t1")
+    s.on_trial_complete("t0", {"best_acc": 0.6})
+    s.save(str(tmp_path / "s.pkl"))
+    s2 = DaSSSearcher(archs, pred, list(range(5)), budget=4)
+    s2.restore(str(tmp_path / "s.pkl"))
+    assert s2.suggest("t1")["index"] == 1 and s2.suggest("t2")["index"] == 2 and s2.suggest("t3")["index"] == 3
+    assert s2.suggest("t4") == DaSSSearcher.FINISHED
+    # prior results (from trials.parquet on resume) count against the budget and are never re-proposed
+    s3 = DaSSSearcher(archs, pred, list(range(5)), budget=2, done={0: 0.5})
+    assert s3.suggest("x")["index"] == 1 and s3.suggest("y") == DaSSSearcher.FINISHED
+
+
+def test_searcher_rerank_reorders_the_rest():
+    archs = [f"a{i}" for i in range(5)]
+    pred = np.array([0.5, 0.4, 0.3, 0.2, 0.1])
+    seen = []
+
+    def rerank(measured, remaining):
+        seen.append(dict(measured))
+        return list(reversed(remaining))
+
+    s = DaSSSearcher(archs, pred, list(range(5)), budget=3, rerank=rerank)
+    assert s.suggest("t0")["index"] == 0
+    s.on_trial_complete("t0", {"best_acc": 0.7})
+    assert seen == [{0: 0.7}] and s.suggest("t1")["index"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_scoring_survives_a_killed_encoder_and_scores_each_candidate_once(ray_local):
+    from dass_ray.embed import Embedder
+    from dass_ray.kd import load_teacher
+    from dass_ray.meta import teacher_support
+    from dass_ray.metatrain import make_model
+    from dass_ray.predictor import PredictorBatch
+    from dass_ray.search import EncoderActor, score_candidates
+
+    ray = ray_local
+    ck = load_teacher(DEFAULT_TEACHER)
+    space = ck.space
+    archs = space.sample_many(np.random.default_rng(0), 120)
+    model = make_model(get_space("cpu"), seed=3)
+    # in-process reference
+    eng = Embedder(ck.state_dict, space)
+    tmap = eng.teacher_embedding().clone()
+    sup = teacher_support(tmap, torch.from_numpy(space.encode(space.teacher()).astype(np.float32)), ck.val_acc)
+    ref = model.predict(sup, PredictorBatch(eng.embed(archs).clone(), tmap,
+                                            torch.from_numpy(space.encode_many(archs)))).numpy()
+    sd_ref = ray.put(ck.state_dict)
+    actors = [EncoderActor.options(num_cpus=0.5).remote(sd_ref, space.to_dict(), 0, 1) for _ in range(2)]
+    ray.get([a.node.remote() for a in actors])
+    calls = []
+
+    def progress(k):
+        calls.append(k)
+        if len(calls) == 2:  # mid-run: kill one encoder for good
+            ray.kill(actors[0], no_restart=True)
+
+    got = score_candidates(ck.state_dict, space, archs, model, ck.val_acc, batch_size=10, on_progress=progress,
+                           actors=actors)
+    assert len(got) == len(archs) and sum(calls) == len(archs)  # every candidate scored exactly once
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path):
+    from dass_ray.search import SearchRun
+
+    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2)
+    result = SearchRun(prepare(c)).run()
+    out = Path(c.output)
+    cands = pq.read_table(out / "candidates.parquet")
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert cands.num_rows == 40 and len(trials) == 2
+    top2 = set(np.argsort(-cands["predicted_acc"].to_numpy(), kind="mergesort")[:2].tolist())
+    assert {t["index"] for t in trials} == top2  # exactly the top-K predicted were distilled
+    assert all(t["status"] == "ok" and 0 <= t["measured_acc"] <= 1 for t in trials)
+    assert result["best"]["measured_acc"] == max(t["measured_acc"] for t in trials)
+    assert (out / "report.png").stat().st_size > 1000
+    ts = torch.jit.load(str(out / "student.torchscript.pt"))
+    assert ts(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[-1]["stage"] == "done"
+    # resume: drop one finished trial -> only that one runs again, scoring is not redone
+    pq.write_table(pq.read_table(out / "trials.parquet").slice(0, 1), out / "trials.parquet")
+    (out / "result.json").unlink()
+    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True)
+    SearchRun(prepare(c2)).run()
+    events2 = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    new = events2[len(events):]
+    assert [e["seq"] for e in events2] == list(range(len(events2)))
+    assert any("resumed: candidates already scored" in e["message"] for e in new)
+    assert sum(1 for e in new if e["stage"] == "kd" and "measured" in e["message"]) == 1
+    assert len(pq.read_table(out / "trials.parquet")) == 2 and (out / "result.json").exists()
