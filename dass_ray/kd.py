@@ -279,7 +279,7 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
             if not torch.isfinite(loss):
                 return TrainResult("failed", best, history[-1]["val_acc"] if history else 0.0, epoch,
                                    time.perf_counter() - t0,
-                                   reason=f"non-finite loss ({float(loss)}) at epoch {epoch}, step {i // batch_size}",
+                                   reason=f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {i // batch_size}",
                                    history=history)
             opt.zero_grad(set_to_none=True)
             loss.backward()
