@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-fast bench clean proto
 
+# Generated gRPC code (never edited, not committed): rebuilt whenever a .proto changes.
+PROTO_SRC := $(wildcard proto/dass_ray/v1/*.proto)
+PROTO_OUT := dass_ray/v1/search_pb2.py
+
+
 install: $(STAMP) $(PROTO_OUT)
 
 $(STAMP): pyproject.toml
@@ -15,18 +20,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python scripts/gen_proto.py
 	@touch $(STAMP)
 
-# Generated gRPC code (never edited, not committed): rebuilt whenever a .proto changes.
-PROTO_SRC := $(wildcard proto/dass_ray/v1/*.proto)
-PROTO_OUT := dass_ray/v1/search_pb2.py
-
 $(PROTO_OUT): $(PROTO_SRC) scripts/gen_proto.py | $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
+# The main job on the embedded default: shipped MNIST teacher + shipped predictor + bundled data.
 run: install
-	$(BIN)/python -m dass_ray.demo --output runs/demo
+	rm -rf runs/demo
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python scripts/search.py --output runs/demo --candidates 2000 --top-k 5
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -37,6 +40,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_kd.py
+	$(BIN)/python benchmarks/bench_search.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,10 +19,11 @@ import torch
 from dass_ray.config import ScaleConfig
 from dass_ray.data import TaskSpec, load_tasks, save_tasks
 from dass_ray.embed import noise_input
-from dass_ray.kd import (SoftLabels, TensorData, compute_soft_labels, load_teacher, round_half, save_teacher,
+from dass_ray.kd import (SoftLabels, TensorData, TrainResult, compute_soft_labels, load_teacher, round_half, save_teacher,
                          train_teacher)
 from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, code_version, machine, make_tasks,
-                                  run_key, run_student, student_plan, task_data)
+                                  run_key, run_student, student_plan, student_row,
+                                  task_data)
 from dass_ray.resources import ray_options, scaling_config_kwargs
 from dass_ray.rayutil import Progress
 from dass_ray.space import get_space
@@ -216,14 +217,8 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
 
 
 def run_student_failed(ctx: TaskContext, arch, seed: int, rep: int, reason: str) -> dict:
-    """A failed row for a run whose worker could not return one."""
-    from dass_ray.config import KDConfig, ScaleConfig as _S
-
-    zero = _S(name="none", space=ctx.space.name, classes_per_task=1, train_per_class=1, val_per_class=1,
-              teacher=None, kd=KDConfig(epochs=0))
-    row = run_student(ctx, arch, zero, seed, rep)
-    row.update(status="failed", reason=reason, best_acc=0.0, final_acc=0.0, epochs=0)
-    return row
+    """A failed row for a run whose worker could not return one (it died beyond its retries)."""
+    return student_row(ctx, arch, seed, rep, TrainResult("failed", 0.0, 0.0, 0, 0.0, reason=reason), 0.0)
 
 
 def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: float, ran: int, failed: int) -> dict:

@@ -192,6 +192,12 @@ def run_student(ctx: TaskContext, arch: ArchConfig, scale: ScaleConfig, seed: in
         res = train_kd(arch, ctx.space, ctx.teacher_sd, ctx.data, scale.kd, seed=seed, soft=ctx.soft)
     except Exception as e:  # recorded, never fatal for the batch
         res = TrainResult("failed", 0.0, 0.0, 0, time.perf_counter() - t0, reason=f"{type(e).__name__}: {e}")
+    return student_row(ctx, arch, seed, replicate, res, time.perf_counter() - t0)
+
+
+def student_row(ctx: TaskContext, arch: ArchConfig, seed: int, replicate: int, res: TrainResult,
+                wall_s: float) -> dict:
+    """The meta-dataset row of one student run (its functional embedding is computed here)."""
     emb = embed_reference(ctx.teacher_sd, [arch], ctx.space, noise_input(ctx.space, ctx.probe_seed))
     return {
         "task_id": ctx.task_id, "role": ctx.role, "source": ctx.source, "teacher_acc": float(ctx.teacher_acc),
@@ -199,7 +205,7 @@ def run_student(ctx: TaskContext, arch: ArchConfig, scale: ScaleConfig, seed: in
         "encoding": ctx.space.encode(arch).astype(np.float32).tolist(),
         "flops": int(ctx.space.flops(arch)), "params": int(ctx.space.params(arch)), "seed": int(seed),
         "replicate": int(replicate), "status": res.status, "reason": res.reason, "best_acc": float(res.best_acc),
-        "final_acc": float(res.final_acc), "epochs": int(res.epochs), "wall_s": float(time.perf_counter() - t0),
+        "final_acc": float(res.final_acc), "epochs": int(res.epochs), "wall_s": float(wall_s),
         "embedding": emb.squeeze(0).to(torch.float16).numpy().tobytes(), "code_version": code_version(),
         "host": platform.node(),
     }

@@ -43,6 +43,15 @@ def noise_ceiling(root, task_id: str) -> float | None:
     return {"spearman": spearman([a[k] for k in common], [b[k] for k in common]), "students": len(common)}
 
 
+def _finite(x):
+    """nan/inf -> None, so the output is strict JSON (a constant ranking has no correlation)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metadataset", required=True)
@@ -141,6 +150,7 @@ def main(argv=None) -> int:
     summary = {"tasks": {t: {m: {k: v[k] for k in ("spearman", "kendall", "top1_regret", "top5_regret")}
                              for m, v in per.items()} for t, per in results.items()},
                "mean_spearman": mean, "noise_ceiling": {k: (v["spearman"] if v else None) for k, v in ceilings.items()}}
+    summary = _finite(summary)
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0
