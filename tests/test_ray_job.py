@@ -1,0 +1,45 @@
+"""`ray job submit -- python scripts/search.py ...` against a locally started Ray head (`ray start --head`)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytools import RayHead
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = RayHead()
+    h.start()
+    yield h
+    h.cleanup()
+
+
+def test_ray_job_submit_runs_the_search(head, tmp_path):
+    from dass_ray.metatrain import make_model, save_predictor
+    from dass_ray.space import get_space
+
+    pred = tmp_path / "pred.pt"
+    save_predictor(pred, make_model(get_space("cpu")), get_space("cpu"))
+    out = tmp_path / "out"
+    ray = Path(sys.executable).parent / "ray"
+    base = [str(ray), "job", "submit", "--address", head.address, "--working-dir", str(ROOT), "--",
+            sys.executable, "scripts/search.py", "--scale", "tiny", "--predictor", str(pred), "--address", "auto"]
+    cmd = base + ["--candidates", "32", "--top-k", "1", "--output", str(out)]
+    r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    res = json.loads((out / "result.json").read_text())
+    assert res["candidates"] == 32 and res["top_k"] == 1 and 0 <= res["best"]["measured_acc"] <= 1
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["stage"] == "done"
+    # a bad input fails the job with the one-line reason and a non-zero exit
+    bad = subprocess.run(base + ["--top-k", "5", "--candidates", "2", "--output", str(tmp_path / "o2")],
+                         env=head.env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "--top-k 5 exceeds --candidates 2" in bad.stdout + bad.stderr
