@@ -164,15 +164,13 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     for task in tasks:
         n = scale.students_per_test_task if roles[task.task_id] == "test" else scale.students_per_task
         per_task[task.task_id] = student_plan(task, contexts[task.task_id].space, n, seed)
-    for j in range(max(len(v) for v in per_task.values())):
-        for task in tasks:
-            archs = per_task[task.task_id]
-            if j < len(archs):
-                jobs.append((task.task_id, archs[j], seed, 0))
-    for task in tasks:
-        if roles[task.task_id] == "test":
-            for a in per_task[task.task_id][:scale.noise_ceiling_students]:
-                jobs.append((task.task_id, a, seed + 1, 1))
+    # streams: each task's students, and each test task's noise-ceiling replicates (second seed); taken
+    # round-robin so that a partial build has every task (and the noise ceiling) at a similar count
+    streams = [[(t.task_id, a, seed, 0) for a in per_task[t.task_id]] for t in tasks]
+    streams += [[(t.task_id, a, seed + 1, 1) for a in per_task[t.task_id][:scale.noise_ceiling_students]]
+                for t in tasks if roles[t.task_id] == "test"]
+    for j in range(max(len(s) for s in streams)):
+        jobs.extend(s[j] for s in streams if j < len(s))
     todo = [j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done]
     if max_runs is not None:
         todo = todo[:max_runs]
