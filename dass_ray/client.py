@@ -186,7 +186,8 @@ class SearchClient:
     def get_job(self, job_id: str) -> pb.Job:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))
 
-    def list_jobs(self, states: tuple[str, ...] = (), page_size: int = 50, limit: int | None = None) -> Iterator[pb.Job]:
+    def list_jobs(self, states: tuple[str, ...] = (), page_size: int = 50,
+                  limit: int | None = None) -> Iterator[pb.Job]:
         """This client's jobs, newest first, following pages; `states` by name ("running", ...)."""
         try:
             st = [STATES[s.lower()] for s in states]

@@ -971,6 +971,12 @@ class JobRunner:
         return pending
 
     def _watch(self, job: JobRow) -> None:
+        if job.backend and job.backend != self.backend.name:  # launched by a server with the other backend
+            if job.job_id not in self._unreachable_logged:
+                log.warning("job %s runs on the %s backend; this server uses %s and leaves it alone", job.job_id,
+                            job.backend, self.backend.name)
+                self._unreachable_logged.add(job.job_id)
+            return
         if not job.handle:  # claimed, but the server died before the launch was recorded: launch again with the
             # same attempt number (a Ray Job submitted meanwhile is then adopted, not duplicated)
             self._requeue(job, "the server stopped while starting the search", attempts=job.attempts - 1)

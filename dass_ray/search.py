@@ -260,8 +260,10 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
             pred_opts = {**pred_opts, "num_cpus": pred_opts["num_cpus"] * f}
 
     def new_encoder():
-        return EncoderActor.options(**enc_opts).remote(sd_ref, space.to_dict(), probe_seed,
-                                                       max(1, int(enc_opts["num_cpus"])))
+        # SPREAD: one encoder per node first (each holds its own teacher copy and CPUs), so losing a node costs
+        # one actor's batches; a restarted actor is placed on the nodes that are left.
+        return EncoderActor.options(**enc_opts, scheduling_strategy="SPREAD").remote(
+            sd_ref, space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
 
     encs = actors if actors is not None else [new_encoder() for _ in range(encoders)]
     preds = [PredictorActor.options(**pred_opts).remote(model.predictor.cfg.to_dict(), params, tmap.numpy())

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -233,7 +232,7 @@ def _runner(state: Path, **kw) -> J.JobRunner:
 def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, local_env):
     r = _runner(tmp_path, max_running=1)
     ids = [r.submit("alice", "", spec(dataset_path=str(tmp_path / f"missing-{i}.parquet"), scale="tiny"))[0].job_id
-           for i in range(3)]
+           for i in range(2)]
     most = [0]
 
     def all_done():
@@ -242,14 +241,14 @@ def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, lo
 
     r.start()
     try:
-        wait_for(all_done, 120, "three failing searches", step=0.05)
+        wait_for(all_done, 120, "two failing searches", step=0.05)
     finally:
         r.stop()
     jobs = [r.store.get(i) for i in ids]
     assert most[0] == 1
-    assert [j.state for j in jobs] == [J.FAILED] * 3
+    assert [j.state for j in jobs] == [J.FAILED] * 2
     assert all("missing-" in j.error and "--dataset" in j.error for j in jobs), [j.error for j in jobs]
-    assert jobs[0].started <= jobs[1].started <= jobs[2].started  # in submission order
+    assert jobs[0].finished <= jobs[1].started  # one at a time, in submission order
     for j in jobs:  # every log ends with exactly one terminal event
         evs = r.store.events(j.job_id)
         assert [e.seq for e in evs] == list(range(len(evs)))
@@ -262,11 +261,13 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still
     running process; then, during KD, the process is killed without an exit status (machine/worker loss): B
     launches it again with --resume and it finishes from its saved stage (the scored candidates are kept)."""
-    s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=2)
+    s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=1)
     a = _runner(tmp_path).start()
     job, _ = a.submit("alice", "", s)
-    wait_for(lambda: a.store.get(job.job_id).stage in ("embed", "score", "kd"), 180, "the search to start")
+    wait_for(lambda: (j := a.store.get(job.job_id)).stage in ("embed", "score", "kd") or j.terminal, 180,
+             "the search to start")
     a.stop()
+    assert not a.store.get(job.job_id).terminal, a.store.get(job.job_id).error
     handle = json.loads(a.store.get(job.job_id).handle)
 
     b = _runner(tmp_path).start()
@@ -275,7 +276,8 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
         assert j.state == J.RUNNING and j.attempts == 1 and b.backend.poll(j.handle).kind == "running"
         # B keeps recording the re-attached search's events, up to its KD stage.
         wait_for(lambda: (j := b.store.get(job.job_id)).stage == "kd" or j.terminal, 180, "the KD stage")
-        assert not b.store.get(job.job_id).terminal, "the search ended before it could be interrupted"
+        j = b.store.get(job.job_id)
+        assert not j.terminal, f"the search ended before it could be interrupted: {j.state} {j.error}"
         os.killpg(handle["pid"], signal.SIGKILL)  # launcher and search die; no exit file is written
         _kill_all(local_env)  # and the search's own local Ray instance with them
         final = wait_for(lambda: (j := b.store.get(job.job_id)).terminal and j, 300, "the resumed search")
