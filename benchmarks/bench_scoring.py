@@ -12,10 +12,16 @@ have different group sizes, so the timed passes still meet new shapes, as a real
 
 `achieved_gflops` counts only each candidate's *own* forward FLOPs on the 1-image probe: every conv of the
 student up to stage 4, stem included, classifier excluded (`space.flops(arch)` minus the classifier's
-2 x C4 x classes), divided by the embed time. Work the engine spends on padding, masking or the shared stem
-is not credited. `matmul_peak_gflops` is the best of several dense fp32 2048^3 matmuls in the same process
-(taken before and after the timed passes); `ratio` = achieved / peak. Each figure is the median over
-repeats. The last line printed is one JSON object.
+2 x C4 x classes), divided by the embed time. Work the engine spends on padding or masking is not credited.
+The engine computes a prefix shared by several candidates (the stem, the first blocks) once, so the credited
+FLOPs are not the executed ones: `executed_gflops` (from `Embedder.stats`: the conv FLOPs it actually ran,
+padding included) and `row_fraction` (activation rows computed / candidate blocks) say what ran.
+`matmul_peak_gflops` is the best of several dense fp32 2048^3 matmuls in the same process (taken before and
+after the timed passes); `ratio` = achieved / peak. Each figure is the median over repeats. The last line
+printed is one JSON object.
+
+Timings on a shared machine: with OpenMP's default (spinning) wait policy, two threads lose most of their
+time when another process holds one of the cores; compare runs made under the same load only.
 
 `--reference K` also times the naive per-student path (`embed_reference`: build, copy weights, forward) on
 the first K candidates of the first timed draw.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -134,7 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         scores = score(archs, maps)
         t2 = time.perf_counter()
         assert scores.shape == (args.n,) and torch.isfinite(scores).all()
-        runs.append({"embed_s": t1 - t0, "score_s": t2 - t1, "gflop": flops / 1e9})
+        st = getattr(emb, "stats", {})
+        runs.append({"embed_s": t1 - t0, "score_s": t2 - t1, "gflop": flops / 1e9,
+                     "executed_gflop": st.get("conv_flops", 0) / 1e9,
+                     "row_fraction": st.get("rows", 0) / max(1, st.get("candidate_block_rows", 0))})
 
     peak = max(peak, matmul_peak_gflops(args.matmul_size))
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
@@ -149,7 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
         "score_s": med("score_s"),
         "embed_candidates_per_s": statistics.median(args.n / r["embed_s"] for r in runs),
         "gflop_per_draw": med("gflop"),
+        # what the engine actually ran: conv FLOPs incl. padding, over shared prefixes (see Embedder.stats)
+        "executed_gflops": statistics.median(r["executed_gflop"] / r["embed_s"] for r in runs),
+        "executed_gflop_per_draw": med("executed_gflop"),
+        "row_fraction": med("row_fraction"),
         "threads": torch.get_num_threads(),
+        "loadavg_1m": os.getloadavg()[0],  # other work on the machine while this ran (see the module doc)
         "repeats": args.repeats,
         "batch_size": args.batch_size,
         "space": space.name,

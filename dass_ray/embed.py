@@ -10,24 +10,26 @@ skipped block an identity).
 How the engine works (measured by `benchmarks/bench_scoring.py`, which credits only each candidate's own FLOPs):
 
 * **Rows are architecture prefixes, not candidates.** The map after block slot k depends only on the widths
-  of slots 0..k, and random candidates share short prefixes (the stem and the first blocks of stage 1 take one
-  of 9, then 81, ... values). The engine walks the teacher's block slots once; at each slot it keys every
-  candidate by (its prefix node, its width here) and keeps one activation row per distinct key. Shared
+  of slots 0..k, and random candidates share short prefixes (the stem and the first blocks of the first stage
+  take one of 9, then 81, ... values). The engine walks the teacher's block slots once; at each slot it keys
+  every candidate by (its prefix node, its width here) and keeps one activation row per distinct key. Shared
   prefixes are computed once (the stem is the first such prefix), and the final map of each candidate is its
-  node's row.
+  node's row. `Embedder.stats` reports the rows and conv FLOPs actually executed.
 * **One gather per slot, then contiguous groups.** The new rows are gathered from their parents in one
   `index_select`, sorted by this slot's width, so each width group is a contiguous run of rows: one fused
   conv1+bias+ReLU call and one conv2 call per group (at most 9 per slot), no per-group gathers or scatters.
 * **Rows stay at the teacher's width with exact zeros past the candidate's own width**, in channels-last
   layout. conv1 reads the full row (the zeros add nothing; oneDNN pads small channel counts to its vector
   width anyway). conv2 runs with its weights zero-padded to the teacher's width and adds *in place* onto the
-  row, which already holds the identity shortcut, with ReLU fused (oneDNN's sum post-op); only the shortcut
-  channels a narrower block drops are zeroed first. A stride-2 block writes its max-pooled shortcut into the
-  next resolution's buffer. Absent blocks are rows left as they are.
+  row, which already holds the identity shortcut, with the add and ReLU fused as oneDNN post-ops; only the
+  shortcut channels a narrower block drops are zeroed first. A stride-2 block writes its max-pooled shortcut
+  into the next resolution's buffer. Absent blocks are rows left as they are.
 * **No allocation in the loop.** The activation rows live in two reusable flat buffers (ping-pong between
-  slots) kept by the Embedder between calls, and the sliced, padded, channels-last weights are cached per
-  (slot, width): in this VM a fresh multi-MB tensor costs more in page faults than the copy into it.
-  Concurrent calls on one Embedder are safe (a call that finds the buffers busy uses private ones).
+  slots) kept by the Embedder between calls (each reserves batch_size x the largest row, 128 MiB at the CPU
+  preset and the default batch; pages are touched only as rows are written), and the sliced, padded,
+  channels-last weights are cached per (slot, width) (~50 MB at the CPU preset): a fresh multi-MB tensor
+  per op costs more in page faults than the copy into it. Concurrent calls on one Embedder are safe (a call
+  that finds the buffers busy uses private ones).
 
 oneDNN builds a kernel per input shape and group sizes vary, so `dass_ray/__init__` enlarges its primitive
 cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY) before torch loads; a long-lived encoder reuses them. Without
@@ -173,12 +175,16 @@ class Embedder:
             for s, stage in enumerate(self.teacher_arch.widths)
         ]
         self._slots = [(s, b) for s, stage in enumerate(self.teacher_arch.widths) for b in range(len(stage))]
+        # per stage: the widths a member may use that the teacher has, and the teacher's depth
+        self._choices = [(frozenset(w for w in space.width_choices(s) if w <= stage[0]),
+                          min(len(stage), space.blocks_per_stage[s]))
+                         for s, stage in enumerate(self.teacher_arch.widths)]
         with torch.inference_mode():
             self._stem_out = F.relu(F.conv2d(self.x, self.stem.weight, self.stem.bias, padding=1))
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._weights: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._weights: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
         self._ws = _Workspace()
         self._ws_lock = threading.Lock()
         self.stats: dict[str, int] = {}
@@ -205,14 +211,14 @@ class Embedder:
         """Embeddings [N, C4, h, w] in the order of `archs` (float32). `batch_size` candidates per pass."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        tw = self.teacher_arch.widths
         for a in archs:
-            self.space.validate(a)
-            for s, (ts, ss) in enumerate(zip(tw, a.widths)):
-                if len(ss) > len(ts):
-                    raise ValueError(f"stage {s}: student depth {len(ss)} exceeds the teacher's {len(ts)}")
-                if max(ss) > ts[0]:
-                    raise ValueError(f"stage {s}: student width {max(ss)} exceeds the teacher's {ts[0]}")
+            if not self._fast_member(a):
+                self.space.validate(a)  # raises the space's own error
+                for s, (ts, ss) in enumerate(zip(self.teacher_arch.widths, a.widths)):
+                    if len(ss) > len(ts):
+                        raise ValueError(f"stage {s}: student depth {len(ss)} exceeds the teacher's {len(ts)}")
+                    if max(ss) > ts[0]:
+                        raise ValueError(f"stage {s}: student width {max(ss)} exceeds the teacher's {ts[0]}")
         stats = {"candidates": len(archs), "candidate_block_rows": 0, "rows": 0, "conv_flops": 0}
         f = self.space.feature_size
         out = torch.empty(len(archs), self.space.feature_channels, f, f)
@@ -227,9 +233,21 @@ class Embedder:
         self.stats = stats
         return out
 
+    def _fast_member(self, a: ArchConfig) -> bool:
+        """True if `a` is a member of the space that fits the teacher (the rules of `SpaceConfig.validate`
+        with precomputed width sets: validating thousands of candidates is otherwise a visible share of a
+        call). False sends `a` through `validate` and the teacher checks, which raise the error."""
+        ws = a.widths
+        if len(ws) != len(self._choices) or len(ws) != self.space.num_stages:
+            return False
+        for stage, (choices, max_depth) in zip(ws, self._choices):
+            if not 1 <= len(stage) <= max_depth or not choices.issuperset(stage):
+                return False
+        return not self.space.keep_last_width or ws[-1][-1] == self.space.stage_widths[-1]
+
     def _block_weights(self, s: int, b: int, w: int, c_in: int) -> tuple[torch.Tensor, ...]:
         """(conv1 weight [w, c_in], conv1 bias, conv2 weight and bias zero-padded to the stage width)."""
-        key = (s * 1000 + b, w)
+        key = (s, b, w)
         if key not in self._weights:
             c1, c2 = self.blocks[s][b]
             c_out = c2.weight.shape[0]
