@@ -26,7 +26,7 @@ def synflow(model: nn.Module, image_size: int, in_channels: int = 3) -> float:
         p.grad = None
     x = torch.ones(1, in_channels, image_size, image_size, dtype=torch.float64)
     m(x).sum().backward()
-    return float(sum((p * p.grad).abs().sum() for p in m.parameters() if p.grad is not None))
+    return float(sum((p.detach() * p.grad).abs().sum() for p in m.parameters() if p.grad is not None))
 
 
 def naswot(model: nn.Module, x: torch.Tensor) -> float:
