@@ -588,6 +588,8 @@ def resolve_dataset_path(path: str | Path, data_root: str | Path | None = None) 
     for r in roots:
         if (r / p).exists():
             return r / p
+    if data_root is None and (_ASSET_DIR / f"{p}.parquet").is_file():  # a bundled name, e.g. "mnist5k"
+        return _ASSET_DIR / f"{p}.parquet"
     raise DatasetError(f"{p}: not found under {[str(r) for r in roots]}")
 
 

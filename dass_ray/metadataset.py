@@ -114,9 +114,9 @@ PLANS: dict[str, list[TaskGroup]] = {
     ],
     # Tests: bundled data only, seconds.
     "tiny": [
-        TaskGroup("train", "mnist5k", "mnist5k", None, 2, seed=1),
-        TaskGroup("val", "mnist5k", "mnist5k", None, 1, seed=2),
-        TaskGroup("test", "omniglot_small", "omniglot_small", None, 1, seed=3,
+        TaskGroup("train", "mnist5k", "mnist5k.parquet", None, 2, seed=1),
+        TaskGroup("val", "mnist5k", "mnist5k.parquet", None, 1, seed=2),
+        TaskGroup("test", "omniglot_small", "omniglot_small.parquet", None, 1, seed=3,
                   classes_per_task=3, train_per_class=10, val_per_class=5),
     ],
 }
