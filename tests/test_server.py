@@ -10,7 +10,6 @@ import io
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
