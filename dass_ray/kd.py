@@ -349,6 +349,17 @@ class TeacherCheckpoint:
         return h.hexdigest()[:16]
 
 
+def atomic_torch_save(blob: dict, path: str | Path) -> None:
+    """torch.save to a temporary file, then rename: a reader never sees a half-written checkpoint."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(p)
+
+
 def round_half(state_dict: dict) -> dict:
     """Floating tensors rounded to float16 and back (what a `half=True` checkpoint stores)."""
     return {k: (v.detach().cpu().half().float() if v.is_floating_point() else v.detach().cpu().clone())
@@ -366,13 +377,7 @@ def save_teacher(path: str | Path, model: nn.Module, space: SpaceConfig, val_acc
     blob = {"format": "dass_ray.teacher/1", "space": space.to_dict(), "arch": arch.to_dict(),
             "state_dict": sd,
             "val_acc": float(val_acc), "class_names": list(class_names), "meta": dict(meta or {})}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(p)
+    atomic_torch_save(blob, path)
 
 
 def load_teacher(path: str | Path) -> TeacherCheckpoint:

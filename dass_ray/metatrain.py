@@ -8,7 +8,6 @@ workers sees exactly the same queries. Model selection: mean Spearman on meta-va
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dass_ray.kd import atomic_torch_save
 from dass_ray.meta import MetaSGD, kendall, spearman, teacher_support
 from dass_ray.metadataset import MetaTask
 from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig
@@ -115,13 +115,7 @@ def save_predictor(path: str | Path, model: MetaSGD, space: SpaceConfig, meta: d
             "encoding_layout": space.encoding_layout(), "inner_steps": model.inner_steps,
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "meta": dict(meta or {})}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(p)
+    atomic_torch_save(blob, path)
 
 
 def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[MetaSGD, dict]:
