@@ -1,10 +1,11 @@
-"""Multi-node behaviour on one machine: a head and worker raylets (`ray.cluster_utils.Cluster`) on loopback.
+"""Multi-node behaviour on one machine: a head and worker raylets (`ray.cluster_utils.Cluster`), all local.
 
-One module-scoped cluster: a head with 2 logical CPUs; each test sets how many worker nodes (2 logical CPUs each)
-it needs, and removes one mid-run to simulate a lost machine (SIGKILL of the node's raylet and everything it
-started, detected through the GCS health check, which is tightened here to ~2 s). Everything lives under a private
-`RAY_TMPDIR` and `HOME` with token auth off, so nothing is shared with another Ray on the machine, and only this
-module's own processes are ever stopped (never `ray stop`).
+One module-scoped cluster: a head with 2 logical CPUs; each test sets how many worker nodes (2 logical CPUs
+each) it needs, and removes one mid-run to simulate a lost machine (SIGKILL of the node's raylet and everything
+it started, detected through the GCS health check, tightened here to ~8 s). All raylets use this machine's own
+address (binding them to 127.0.0.1 left `ray.init` waiting for a GCS on the host address). Everything lives
+under a private `RAY_TMPDIR` and `HOME` with token auth off, so nothing is shared with another Ray on the
+machine, and only this module's own processes are ever stopped (never `ray stop`).
 
 Covered (issue 7):
 * scoring on 3 nodes spreads the encoder actors one per node and gives bit-identical scores to a single-node run;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -28,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.ray]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
 WORKER_CPUS = 2
 HEAD_CPUS = 2
@@ -41,12 +43,13 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         self.tmp = tmp
-        self.node_args = {"node_ip_address": "127.0.0.1", "object_store_memory": 200 * 1024**2}
+        self.node_args = {"object_store_memory": 200 * 1024**2}
         self.cluster = Cluster(initialize_head=True, head_node_args={
             **self.node_args, "num_cpus": HEAD_CPUS, "include_dashboard": False,
-            # a killed node is declared dead after ~3 missed 500 ms health checks (default: ~15-30 s)
-            "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 1000,
-                               "health_check_failure_threshold": 3},
+            # a killed node is declared dead after 8 missed 1 s health checks (default 5 x 3 s); tighter than
+            # this, a raylet starved of CPU on this busy 2-core machine is declared dead too
+            "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000,
+                               "health_check_failure_threshold": 8},
         })
 
     @property
@@ -69,7 +72,7 @@ class LocalCluster:
         while len(self.cluster.worker_nodes) > n:
             self.remove(self.workers()[-1], crash=False)
         while len(self.cluster.worker_nodes) < n:
-            self.add_worker()
+            self.warm(self.add_worker())
         self.cluster.wait_for_nodes()
         live = {x["NodeID"] for x in ray.nodes() if x["Alive"]}
         deadline = time.time() + 60
@@ -77,6 +80,19 @@ class LocalCluster:
             time.sleep(0.2)  # a removed node may still be reported alive for a moment
             live = {x["NodeID"] for x in ray.nodes() if x["Alive"]}
         assert live == {nd.node_id for nd in self.cluster.list_all_nodes()}
+
+    @staticmethod
+    def warm(node) -> None:
+        """Start a worker process with torch and dass_ray imported on `node` (new actors take such idle ones)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def imp():
+            import dass_ray.search  # noqa: F401
+
+        ray.get(imp.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(),
+                timeout=120)
 
     @staticmethod
     def procs(node, prefix: str) -> list[int]:
@@ -153,7 +169,7 @@ def mn():
     os.makedirs(os.environ["HOME"], exist_ok=True)
     lc = LocalCluster(tmp)
     try:
-        ray.init(address=lc.cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(address=lc.cluster.address, log_to_driver=False)
         yield lc
     finally:
         ray.shutdown()
@@ -163,6 +179,8 @@ def mn():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if not os.environ.get("DASS_KEEP_RAY_TMP"):  # set it to keep the nodes' logs for debugging
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -224,32 +242,38 @@ def test_scoring_on_three_nodes_spreads_encoders_and_matches_single_node(mn, sco
 
 
 def test_worker_node_lost_mid_scoring_scores_every_candidate_once(mn, scoring):
+    import ray
+
     from dass_ray.search import score_candidates
 
     mn.set_workers(2)
     s = scoring
     calls: list[int] = []
     lost: list[str] = []
-    after: list[dict] = []
+    left: list[int] = []
 
     def progress(k):
         calls.append(k)
-        if len(calls) == 2:  # two batches in, every encoder has batches in flight: crash one worker node
-            enc = _encoder_nodes()
-            victim = next(w for w in mn.workers() if w.node_id in {n for n, _ in enc.values()})
-            lost.append(victim.node_id)
-            mn.remove(victim, crash=True)
-        if sum(calls) == len(s["archs"]):
-            after.append(_encoder_nodes())
+        if not lost:  # as soon as an encoder runs on a worker node (it has batches in flight): crash that node
+            busy = {n for n, _ in _encoder_nodes().values()}
+            victim = next((w for w in mn.workers() if w.node_id in busy), None)
+            if victim is not None:
+                lost.append(victim.node_id)
+                left.append(len(s["archs"]) - sum(calls))
+                mn.remove(victim, crash=True)
 
     got = score_candidates(s["ck"].state_dict, s["space"], s["archs"], s["model"], s["ck"].val_acc,
                            on_progress=progress, **s["kw"])
-    assert lost
+    assert lost and left[0] >= 6 * s["kw"]["batch_size"], left  # the lost encoder had batches in flight
     nb = len(s["archs"]) // s["kw"]["batch_size"]
     assert len(calls) == nb and sum(calls) == len(s["archs"])  # each batch scored once (and asserted inside)
     np.testing.assert_array_equal(got, s["single"])  # complete, and the same scores as without the fault
-    survivors = {n for n, _ in after[0].values()}
-    assert lost[0] not in survivors  # the lost node's encoder was restarted (or replaced) elsewhere
+    # The lost node's processes were SIGKILLed (remove_node asserts none is left), and its encoder had batches in
+    # flight (the queue was not empty, so it held 2): those batches were re-run on the encoders that were left.
+    deadline = time.time() + 60
+    while any(x["NodeID"] == lost[0] and x["Alive"] for x in ray.nodes()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(x["NodeID"] == lost[0] and x["Alive"] for x in ray.nodes())
     mn.set_workers(2)
 
 
@@ -307,6 +331,7 @@ def test_worker_node_lost_mid_kd_trial_restarts_from_checkpoint(mn, predictor_pa
             if victim is not None:
                 lost.update(trial=trial, pid=pid, node=victim.node_id, epoch=rows[-1]["epoch"])
                 mn.remove(victim, crash=True)
+                return False  # one node only: the other keeps running
         return False
 
     with mn.head_blocked():  # KD trials go to the workers only
@@ -325,13 +350,17 @@ def test_worker_node_lost_mid_kd_trial_restarts_from_checkpoint(mn, predictor_pa
     rows = _trial_results(tune_dir)[lost["trial"]]
     before = [r for r in rows if r["pid"] == lost["pid"]]
     again = [r for r in rows if r["pid"] != lost["pid"]]
-    assert again, "the trial did not run again after its node was lost"
-    # restarted from its last checkpoint, not from scratch: the epochs go on where the checkpoints left off
-    assert again[0]["epoch"] > 1 and again[0]["epoch"] <= before[-1]["epoch"] + 1
+    trace = [(r["epoch"], r["pid"], r.get("training_iteration"), r.get("iterations_since_restore")) for r in rows]
+    assert again, f"the trial did not run again after its node was lost: {trace}, {lost}"
+    # restarted from its last checkpoint, not from scratch: the epochs go on where the checkpoints left off. The
+    # next epoch after the last one logged, or the one after that: the lost process may have saved a checkpoint
+    # whose result row never reached result.json before its node went (seen once in ~10 runs).
+    assert before[-1]["epoch"] < again[0]["epoch"] <= before[-1]["epoch"] + 2, (trace, lost)
     assert again[0]["iterations_since_restore"] == 1 and again[0]["training_iteration"] > 1
     assert [r["epoch"] for r in again] == list(range(again[0]["epoch"], epochs + 1))
     new_pid = again[-1]["pid"]
     assert seen.get(new_pid) not in (None, lost["node"])  # ... in a process on a surviving node
+    print(f"node lost at epoch {lost['epoch']}/{epochs}; trial resumed at epoch {again[0]['epoch']} on another node")
     mn.set_workers(2)
 
 
@@ -365,6 +394,7 @@ def test_worker_node_lost_mid_label_generation_records_each_run_once(mn, tmp_pat
         finally:
             w.join_check()
     assert lost, "no student run was caught in flight on a worker node"
+    print(f"node lost with {len(lost['pids'])} student run(s) in flight")
     t = MetaDatasetStore(tmp_path / "md").students()
     keys = list(zip(t["task_id"].to_pylist(), t["arch_digest"].to_pylist(), t["seed"].to_pylist()))
     assert len(keys) == len(set(keys)) == 4 * 3 + 2  # nothing twice, nothing lost
