@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from dass_ray.config import ScaleConfig, get_scale
@@ -425,25 +426,25 @@ def kd_trainable(config: dict, ctx: dict) -> None:
                      "reason": res.reason})
 
 
-class _TrialRecorder:
-    """A Tune callback that appends every finished trial to trials.parquet at once (resume keeps them)."""
+class _TrialRecorder(Callback):
+    """A Tune callback that appends every finished trial to trials.parquet at once (resume keeps them).
+
+    Tune pickles its callbacks into the experiment state; the run (event log, open files) is left out of it, so
+    an unpickled copy records nothing (this process's run resumes from trials.parquet instead)."""
 
     def __init__(self, run):
         self.run = run
 
-    def make(self):
-        from ray.tune import Callback
+    def __getstate__(self):
+        return {"run": None}
 
-        run = self.run
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.run is not None:
+            self.run.record_trial(trial)
 
-        class CB(Callback):
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                run.record_trial(trial)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                run.record_trial(trial, error=True)
-
-        return CB()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.run is not None:
+            self.run.record_trial(trial, error=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ class _TrialRecorder:
 
 
 class SearchRun:
-    def __init__(self, prep: Prepared, log=print):
+    def __init__(self, prep: Prepared):
         self.p = prep
         self.cfg = prep.cfg
         self.out = prep.out
@@ -460,7 +461,6 @@ class SearchRun:
         self.events = EventLog(self.out / "events.jsonl")
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"timings": {}}
-        self.log = log
         self.trial_rows: list[dict] = []
         tp = self.out / "trials.parquet"
         if tp.exists():
@@ -621,7 +621,7 @@ class SearchRun:
             tune_config=TuneConfig(search_alg=searcher, num_samples=remaining, metric="best_acc", mode="max",
                                    scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent or max(1, cpus)),
             run_config=RunConfig(name="kd", storage_path=str((self.out / "tune").resolve()),
-                                 callbacks=[_TrialRecorder(self).make()], verbose=0,
+                                 callbacks=[_TrialRecorder(self)], verbose=0,
                                  failure_config=tune.FailureConfig(max_failures=2)),
         )
         tuner.fit()
@@ -632,21 +632,22 @@ class SearchRun:
 
     def _reranker(self, teacher: TeacherCheckpoint, arch_jsons: list[str]):
         """Re-adapt on the teacher + measured students, then re-score the remaining top candidates."""
-        p = self.p
-        eng = Embedder(teacher.state_dict, p.space)
+        # The closure travels inside the searcher, which Tune pickles: it holds only what it needs, not the run.
+        space, predictor, top_k, teacher_acc = self.p.space, self.p.predictor, self.cfg.top_k, teacher.val_acc
+        eng = Embedder(teacher.state_dict, space)
         tmap = eng.teacher_embedding().clone()
-        tcode = torch.from_numpy(p.space.encode(p.space.teacher()).astype(np.float32))
+        tcode = torch.from_numpy(space.encode(space.teacher()).astype(np.float32))
 
         def rerank(measured: dict[int, float], remaining: list[int]) -> list[int]:
-            head = remaining[: max(4 * self.cfg.top_k, 64)]
+            head = remaining[: max(4 * top_k, 64)]
             idx = list(measured)
             archs = [ArchConfig.from_json(arch_jsons[i]) for i in idx]
             sup = PredictorBatch(torch.cat([tmap, eng.embed(archs).clone()]), tmap,
-                                 torch.cat([tcode[None], torch.from_numpy(p.space.encode_many(archs))]),
-                                 torch.tensor([teacher.val_acc] + [measured[i] for i in idx], dtype=torch.float32))
+                                 torch.cat([tcode[None], torch.from_numpy(space.encode_many(archs))]),
+                                 torch.tensor([teacher_acc] + [measured[i] for i in idx], dtype=torch.float32))
             qa = [ArchConfig.from_json(arch_jsons[i]) for i in head]
-            q = PredictorBatch(eng.embed(qa), tmap, torch.from_numpy(p.space.encode_many(qa)))
-            s = p.predictor.predict(sup, q).numpy()
+            q = PredictorBatch(eng.embed(qa), tmap, torch.from_numpy(space.encode_many(qa)))
+            s = predictor.predict(sup, q).numpy()
             return [head[j] for j in np.argsort(-s, kind="mergesort")] + remaining[len(head):]
 
         return rerank

@@ -338,7 +338,7 @@ def test_worker_node_lost_mid_kd_trial_restarts_from_checkpoint(mn, predictor_pa
         w = Watcher(step)
         w.start()
         try:
-            result = SearchRun(prepare(c), log=lambda *a: None).run()
+            result = SearchRun(prepare(c)).run()
         finally:
             w.join_check()
     assert lost, "no KD trial was caught running on a worker node with a checkpoint"

@@ -183,9 +183,15 @@ def test_scoring_survives_a_killed_encoder_and_scores_each_candidate_once(ray_lo
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path):
+def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, monkeypatch):
+    import builtins
+
     from dass_ray.search import SearchRun
 
+    # Ray's tqdm_ray swaps builtins.print once any Ray progress bar exists in the process; Tune then must still be
+    # able to pickle its experiment state (callbacks and searcher must not drag the run or `print` along).
+    real_print = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: real_print(*a, **k))
     c = cfg(tmp_path, predictor_path, candidates=40, top_k=2)
     result = SearchRun(prepare(c)).run()
     out = Path(c.output)
