@@ -7,7 +7,7 @@ Per repeat, in this order, on the same N candidates (one draw, `--seed`):
   inprocess  what `score_candidates` computes, in this process, one batch after another with 1 torch thread:
              fold the teacher, embed it, adapt the predictor on it (one inner step), then per batch of
              `--batch-size`: embed (`dass_ray.embed.Embedder`), encode, score with the adapted predictor;
-  actor_1    `dass_ray.search.score_candidates(..., encoders=1, predictors=1)`: the whole call as the search runs
+  actor_1    `dass_ray.scoring.score_candidates(..., encoders=1, predictors=1)`: the whole call as the search runs
              it, actor start-up included (encoder and predictor actors are created and killed inside the call);
   actor_2    the same with 2 encoder actors.
 Each encoder actor and predictor replica uses 1 torch thread (`score_candidates` gives an actor
@@ -47,7 +47,7 @@ def inprocess_scores(teacher_sd, space, archs, model, teacher_acc, batch_size: i
     from dass_ray.embed import Embedder
     from dass_ray.meta import teacher_support
     from dass_ray.predictor import PredictorBatch
-    from dass_ray.search import adapted_params
+    from dass_ray.scoring import adapted_params
 
     eng = Embedder(teacher_sd, space, seed=probe_seed)
     tmap = eng.teacher_embedding().clone()
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dass_ray.kd import load_teacher
     from dass_ray.metatrain import make_model
-    from dass_ray.search import DEFAULT_TEACHER, EncoderActor, score_candidates
+    from dass_ray.scoring import EncoderActor, score_candidates
+    from dass_ray.search import DEFAULT_TEACHER
 
     torch.set_num_threads(1)  # the in-process path gets what one actor gets
     ck = load_teacher(args.teacher or DEFAULT_TEACHER)

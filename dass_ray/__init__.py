@@ -1,7 +1,8 @@
 """dass_ray: Distillation-aware Student Search (DaSS) on Ray.
 
 The model core (space, nets, remap, embed, predictor, meta, kd, data) is plain PyTorch/numpy; Ray, Tune,
-Train and gRPC live in thin layers (`dass_ray.distributed`, `dass_ray.search_ray`, `dass_ray.service`).
+Train and gRPC live in thin layers: `labelgen`/`metatrain_ray` (Ray Train), `scoring` (encoder actors and
+predictor replicas), `search` (Tune), `jobs`/`server`/`client` (the gRPC service).
 """
 
 import os as _os

@@ -24,7 +24,7 @@ from dass_ray.kd import (SoftLabels, TensorData, TrainResult, compute_soft_label
 from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, code_version, machine, make_tasks,
                                   run_key, run_student, student_plan, student_row,
                                   task_data)
-from dass_ray.resources import ray_options, scaling_config_kwargs
+from dass_ray.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
 from dass_ray.rayutil import Progress
 from dass_ray.space import get_space
 
@@ -53,7 +53,7 @@ def _teacher_loop(config: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, storage: Path, seed: int = 0,
+def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, storage: str | Path, seed: int = 0,
                          cpus: int = 1) -> tuple[dict, dict]:
     """Train a task's teacher with a one-worker `TorchTrainer`; returns (state_dict, result summary)."""
     from ray.train import RunConfig, ScalingConfig
@@ -64,7 +64,8 @@ def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, s
         _teacher_loop,
         train_loop_config={"scale": scale, "space": space, "data": data, "seed": seed, "threads": cpus},
         scaling_config=ScalingConfig(num_workers=1, **scaling_config_kwargs("teacher_train", num_cpus=cpus)),
-        run_config=RunConfig(name=f"teacher-{task.task_id}", storage_path=str(storage.resolve())),
+        run_config=RunConfig(name=f"teacher-{task.task_id}",
+                             storage_path=storage if "://" in str(storage) else str(Path(storage).resolve())),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -88,8 +89,12 @@ def _student_remote(ctx: TaskContext, arch_json: str, scale: ScaleConfig, seed: 
 
 def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, data_root: str | Path | None = None,
           seed: int = 0, max_runs: int | None = None, teacher_cpus: int = 1, command: str = "",
-          log=print) -> dict:
-    """Build (or continue) a meta-dataset in `output`. Returns a summary dict."""
+          storage: str | None = None, max_inflight: int | None = None, log=print) -> dict:
+    """Build (or continue) a meta-dataset in `output`. Returns a summary dict.
+
+    `storage`: where Ray Train keeps the teachers' checkpoints -- on a multi-node cluster a directory every node
+    mounts or a URI (s3://...); default `<output>/ray_train` (one machine). `max_inflight`: student runs queued
+    at once (default: twice the CPUs the cluster has or can autoscale to)."""
     t_start = time.time()
     store = MetaDatasetStore(output)
     plan = {"scale": scale.to_dict(), "groups": [g.to_dict() for g in groups], "seed": seed}
@@ -121,7 +126,7 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
             t0 = time.perf_counter()
             log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({scale.teacher.epochs} epochs, "
                 f"{len(data.y_train)} images) with Ray Train")
-            sd, summ = train_teacher_on_ray(task, data, scale, store.root / "ray_train", seed=seed,
+            sd, summ = train_teacher_on_ray(task, data, scale, storage or (store.root / "ray_train"), seed=seed,
                                             cpus=teacher_cpus)
             sd = round_half(sd)  # what is stored is what every later stage uses
             net = get_space(scale.space, data.num_classes)
@@ -177,8 +182,8 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     log(f"[students] {len(jobs) - len([j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done])}"
         f"/{len(jobs)} already recorded; running {len(todo)}")
     ctx_refs = {tid: ray.put(c) for tid, c in contexts.items()}
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    max_inflight = max(2, 2 * cpus)
+    # Twice the CPUs the cluster has or can autoscale to: enough queued demand for the autoscaler to see.
+    max_inflight = max_inflight or max(2, 2 * max_cluster_cpus())
     opts = ray_options("kd_trial")
     t0 = time.perf_counter()
     prog = Progress(len(todo), "students")

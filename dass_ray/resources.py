@@ -143,6 +143,36 @@ class ResourceRequest:
         return {"use_gpu": self.use_gpu, "resources_per_worker": self.to_bundle()}
 
 
+def max_cluster_cpus(cluster_resources: Mapping[str, Any] | None = None) -> int:
+    """CPUs the running cluster has now, or can grow to under its autoscaler, whichever is more (at least 1).
+
+    Concurrency limits (KD trials in flight, label-generation runs in flight) must come from this, not from the
+    CPUs up at start: the heads of our autoscaling configs have `CPU: 0`, so on a fresh cluster "the CPUs now"
+    is 0, the work never asks for more, and the autoscaler never adds a node (docs/scaling.md B6).
+
+    The growth comes from the head's markers: in `cluster/*.yaml`, `dass_autoscale_cpu_worker` and
+    `dass_autoscale_gpu_worker` carry the CPUs that worker type has at its `max_workers` (a test checks each
+    config's arithmetic). When the autoscaler published its config to the GCS (autoscaler v2), its maximum is
+    used as well.
+    """
+    import sys
+
+    res = cluster_resources if cluster_resources is not None else _current_cluster_resources()
+    now = float(res.get("CPU", 0) or 0)
+    markers = sum(float(res.get(k, 0) or 0) for k in (AUTOSCALE_CPU_WORKER_RESOURCE, AUTOSCALE_GPU_WORKER_RESOURCE))
+    published = 0.0
+    if cluster_resources is None:
+        try:
+            from ray._private.state import state  # what Ray Data reads for the same purpose; private, so guarded
+
+            published = float((state.get_max_resources_from_cluster_config() or {}).get("CPU", 0) or 0)
+        except Exception:
+            published = 0.0
+        if published >= sys.maxsize:
+            published = 0.0
+    return max(1, int(max(now, markers, published)))
+
+
 def _current_cluster_resources() -> dict[str, float]:
     import ray  # only when the caller did not pass the resources in
 

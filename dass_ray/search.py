@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,14 @@ from dass_ray.data import DatasetError, bundled_path
 from dass_ray.embed import Embedder
 from dass_ray.kd import (SoftLabels, TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
                          train_kd, train_teacher)
-from dass_ray.meta import MetaSGD, teacher_support
+from dass_ray.meta import MetaSGD
 from dass_ray.metadataset import dataset_task
 from dass_ray.metatrain import load_predictor
 from dass_ray.nets import build
 from dass_ray.predictor import PredictorBatch
-from dass_ray.rayutil import Progress
-from dass_ray.resources import ray_options
+from dass_ray.rayutil import Progress, resolve_storage
+from dass_ray.resources import max_cluster_cpus
+from dass_ray.scoring import score_candidates
 from dass_ray.space import ArchConfig, SpaceConfig, get_space
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -67,8 +67,11 @@ class SearchConfig:
     resume: bool = False
     readapt: bool = False  # re-adapt on teacher + measured students after each KD trial and re-rank the rest
     asha: bool = False
-    max_concurrent: int | None = None  # KD trials at once (default: cluster CPUs)
+    max_concurrent: int | None = None  # KD trials at once (default: CPUs the cluster has or can autoscale to)
     data_root: str | None = None
+    # Where KD-trial checkpoints go (Tune's storage_path): a directory every node can reach (NFS/EFS mount) or a
+    # URI (s3://, gs://, file://). None: $DASS_RAY_STORAGE, else <output>/tune (enough on one machine).
+    storage: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,148 +182,13 @@ def prepare(cfg: SearchConfig) -> Prepared:
     except ValueError as e:
         raise InputError(f"--predictor: {e}") from None
     out = Path(cfg.output)
+    try:
+        cfg.storage = resolve_storage(cfg.storage, out / "tune")
+    except ValueError as e:
+        raise InputError(f"--storage: {e}") from None
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
     return Prepared(cfg, scale, space, data, teacher, predictor, out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Actors
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class EncoderActor:
-    """Holds the teacher (folded for the batched engine) once; embeds batches of candidate configs."""
-
-    def __init__(self, teacher_sd: dict, space: dict, seed: int = 0, threads: int = 1):
-        torch.set_num_threads(threads)
-        self.space = SpaceConfig.from_dict(space)
-        self.engine = Embedder(teacher_sd, self.space, seed=seed)
-
-    def embed(self, batch_id: int, arch_jsons: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
-        archs = [ArchConfig.from_json(a) for a in arch_jsons]
-        maps = self.engine.embed(archs).numpy()
-        return batch_id, maps, self.space.encode_many(archs).astype(np.float32)
-
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-
-@ray.remote(max_restarts=-1, max_task_retries=2)
-class PredictorActor:
-    """Holds the adapted predictor parameters; GPU when it was given one."""
-
-    def __init__(self, predictor_cfg: dict, params: dict, teacher_map: np.ndarray, threads: int = 1):
-        from dass_ray.predictor import Predictor, PredictorConfig
-
-        torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.model = Predictor(PredictorConfig.from_dict(predictor_cfg)).to(self.device).eval()
-        self.params = {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
-        self.tmap = torch.as_tensor(teacher_map).to(self.device)
-
-    @torch.no_grad()
-    def score(self, batch_id: int, maps: np.ndarray, codes: np.ndarray) -> tuple[int, np.ndarray]:
-        b = PredictorBatch(torch.as_tensor(maps).to(self.device), self.tmap, torch.as_tensor(codes).to(self.device))
-        return batch_id, self.model(b, self.params).float().cpu().numpy()
-
-    def device_name(self) -> str:
-        return self.device
-
-
-def adapted_params(model: MetaSGD, support: PredictorBatch) -> dict[str, torch.Tensor]:
-    with torch.enable_grad():
-        return {k: v.detach().clone() for k, v in model.adapt(support, first_order=True).items()}
-
-
-def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfig], model: MetaSGD,
-                     teacher_acc: float, *, encoders: int = 2, predictors: int = 1, batch_size: int = 256,
-                     probe_seed: int = 0, on_progress=None, actors: list | None = None) -> np.ndarray:
-    """Predicted post-KD accuracy of every candidate, in candidate order (each scored exactly once).
-
-    Batches go to `encoders` actors (at most two in flight each); a batch whose actor dies is re-queued on a
-    restarted or new actor. Embeddings stream on to `predictors` replicas holding the adapted predictor.
-    """
-    eng = Embedder(teacher_sd, space, seed=probe_seed)
-    tmap = eng.teacher_embedding().clone()
-    support = teacher_support(tmap, torch.from_numpy(space.encode(space.teacher()).astype(np.float32)), teacher_acc)
-    params = {k: v.numpy() for k, v in adapted_params(model, support).items()}
-    sd_ref = ray.put({k: v.detach().cpu() for k, v in teacher_sd.items()})
-    enc_opts = ray_options("encoder")
-    pred_opts = ray_options("predictor")
-    # Fit E encoders + P CPU replicas into what the cluster has (a laptop has fewer CPUs than actors requested);
-    # an autoscaling cluster advertises its worker types, so nothing is scaled down there.
-    total = float(ray.cluster_resources().get("CPU", 1))
-    autoscaling = any(k.startswith("dass_autoscale") for k in ray.cluster_resources())
-    want = encoders * enc_opts["num_cpus"] + (0 if pred_opts.get("num_gpus") else predictors * pred_opts["num_cpus"])
-    if want > total and not autoscaling:
-        f = total / want
-        enc_opts = {**enc_opts, "num_cpus": enc_opts["num_cpus"] * f}
-        if not pred_opts.get("num_gpus"):
-            pred_opts = {**pred_opts, "num_cpus": pred_opts["num_cpus"] * f}
-
-    def new_encoder():
-        # SPREAD: one encoder per node first (each holds its own teacher copy and CPUs), so losing a node costs
-        # one actor's batches; a restarted actor is placed on the nodes that are left.
-        return EncoderActor.options(**enc_opts, scheduling_strategy="SPREAD").remote(
-            sd_ref, space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
-
-    encs = actors if actors is not None else [new_encoder() for _ in range(encoders)]
-    preds = [PredictorActor.options(**pred_opts).remote(model.predictor.cfg.to_dict(), params, tmap.numpy())
-             for _ in range(predictors)]
-    batches = [archs[i:i + batch_size] for i in range(0, len(archs), batch_size)]
-    queue = deque(range(len(batches)))
-    inflight: dict = {}  # ref -> (kind, batch_id, actor index)
-    load = {i: 0 for i in range(len(encs))}
-    scores: dict[int, np.ndarray] = {}
-    rr = 0
-
-    def dispatch():
-        for i in range(len(encs)):
-            while queue and load[i] < 2:
-                b = queue.popleft()
-                ref = encs[i].embed.remote(b, [a.to_json() for a in batches[b]])
-                inflight[ref] = ("embed", b, i)
-                load[i] += 1
-
-    dispatch()
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        ref = ready[0]
-        kind, b, i = inflight.pop(ref)
-        try:
-            out = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
-            if kind == "embed":
-                load[i] -= 1
-                queue.appendleft(b)  # re-queue the shard: it was not scored
-                try:
-                    ray.get(encs[i].node.remote(), timeout=30)  # restarted?
-                except Exception:
-                    encs[i] = new_encoder()  # permanently dead (e.g. ray.kill): replace it
-                    load[i] = 0
-                dispatch()
-                continue
-            raise
-        if kind == "embed":
-            load[i] -= 1
-            _, maps, codes = out
-            pref = preds[rr % len(preds)].score.remote(b, maps, codes)
-            rr += 1
-            inflight[pref] = ("score", b, -1)
-            dispatch()
-        else:
-            assert b not in scores, f"batch {b} scored twice"
-            scores[b] = out[1]
-            if on_progress:
-                on_progress(len(batches[b]))
-    for a in preds:
-        ray.kill(a)
-    if actors is None:
-        for a in encs:
-            ray.kill(a)
-    return np.concatenate([scores[b] for b in range(len(batches))]) if batches else np.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -573,7 +441,7 @@ class SearchRun:
                "status": "failed" if failed else "ok",
                "reason": str(r.get("reason") or (trial.error_file and "trial error") or ""),
                "time_s": float(r.get("time_total_s", 0.0) or 0.0), "trial_id": trial.trial_id,
-               "checkpoint": (trial.checkpoint.path if trial.checkpoint is not None else "")}
+               "checkpoint": _checkpoint_uri(trial.checkpoint)}
         if any(x["index"] == row["index"] for x in self.trial_rows):
             return
         self.trial_rows.append(row)
@@ -604,7 +472,7 @@ class SearchRun:
                "seed": cfg.seed, "soft": soft, "threads": 1}
         rerank = self._reranker(teacher, arch_jsons) if cfg.readapt else None
         searcher = DaSSSearcher(arch_jsons, predicted, ranked, cfg.top_k, rerank=rerank, done=done)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = max_cluster_cpus()  # what the cluster has or can autoscale to, so Tune's demand can grow it
         scheduler = None
         if cfg.asha:
             from ray.tune.schedulers import ASHAScheduler
@@ -620,7 +488,7 @@ class SearchRun:
             trainable,
             tune_config=TuneConfig(search_alg=searcher, num_samples=remaining, metric="best_acc", mode="max",
                                    scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent or max(1, cpus)),
-            run_config=RunConfig(name="kd", storage_path=str((self.out / "tune").resolve()),
+            run_config=RunConfig(name="kd", storage_path=cfg.storage,
                                  callbacks=[_TrialRecorder(self)], verbose=0,
                                  failure_config=tune.FailureConfig(max_failures=2)),
         )
@@ -661,7 +529,12 @@ class SearchRun:
         best = max(ok, key=lambda r: r["measured_acc"])
         self.events.emit("export", 0, 1, f"exporting student #{best['index']}")
         arch = ArchConfig.from_json(best["arch_json"])
-        state = torch.load(Path(best["checkpoint"]) / "state.pt", map_location="cpu", weights_only=False)
+        from ray.train import Checkpoint
+
+        # Through the checkpoint's file system: the trial may have run on another node, its checkpoint on
+        # shared or cloud storage.
+        with Checkpoint(best["checkpoint"]).as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
         sd = state.get("best_model") or state["model"]
         model = build(arch, p.space)
         model.load_state_dict(sd)
@@ -717,6 +590,17 @@ class SearchRun:
         fig.tight_layout()
         fig.savefig(self.out / "report.png", dpi=100)
         plt.close(fig)
+
+
+def _checkpoint_uri(ck) -> str:
+    """Where a Tune checkpoint lives, as a path (local file system) or a URI that `ray.train.Checkpoint` opens."""
+    if ck is None:
+        return ""
+    fs = ck.filesystem
+    if fs is None or fs.type_name == "local":
+        return ck.path
+    scheme = {"gcs": "gs"}.get(fs.type_name, fs.type_name)
+    return f"{scheme}://{ck.path}"
 
 
 def _bundle(kind: str) -> dict:

@@ -35,8 +35,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--readapt", action="store_true", help="re-adapt the predictor on teacher + measured students "
                     "after each KD trial and re-rank the remaining candidates")
     ap.add_argument("--asha", action="store_true", help="ASHA early stopping of weak KD trials")
-    ap.add_argument("--max-concurrent", type=int, default=None, help="KD trials at once (default: cluster CPUs)")
+    ap.add_argument("--max-concurrent", type=int, default=None, help="KD trials at once (default: the CPUs the cluster has or can autoscale to)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    ap.add_argument("--storage", default=None,
+                    help="where KD-trial checkpoints go: on a multi-node cluster a directory every node mounts "
+                         "(NFS/EFS) or a URI (s3://bucket/prefix, gs://...); default $DASS_RAY_STORAGE, else "
+                         "<output>/tune (one machine only)")
     return ap
 
 
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
                        top_k=args.top_k, kd_epochs=args.kd_epochs, encoders=args.encoders,
                        predictors=args.predictors, batch_size=args.batch_size, seed=args.seed, address=args.address,
                        scale=args.scale, resume=args.resume, readapt=args.readapt, asha=args.asha,
-                       max_concurrent=args.max_concurrent)
+                       max_concurrent=args.max_concurrent, storage=args.storage)
     from dass_ray.search import SearchRun, prepare
 
     try:

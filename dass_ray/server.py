@@ -701,7 +701,12 @@ class Service:
         self.cfg = cfg
         self.tokens = TokenFile(cfg.token_file)
         if cfg.address:
-            backend = J.RayJobBackend(cfg.address)
+            # The searches run as Ray Jobs in the cluster's environment, not this process's: pass the checkpoint
+            # storage on (a local subprocess inherits it anyway).
+            from dass_ray.rayutil import STORAGE_ENV
+
+            storage = os.environ.get(STORAGE_ENV)
+            backend = J.RayJobBackend(cfg.address, env_vars={STORAGE_ENV: storage} if storage else None)
         else:
             backend = J.LocalBackend()
         rcfg = J.RunnerConfig(max_running=cfg.max_running, max_queued=cfg.max_queued,

@@ -12,6 +12,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from dass_ray.config import get_scale
 from dass_ray.metadataset import PLANS, MetaDatasetStore
@@ -30,6 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many student runs (for slicing)")
     ap.add_argument("--students-per-task", type=int, default=None, help="override the scale's value")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--storage", default=None,
+                    help="Ray Train storage for teacher checkpoints: on a multi-node cluster a directory every node "
+                         "mounts (NFS/EFS) or a URI (s3://bucket/prefix); default $DASS_RAY_STORAGE, else "
+                         "<output>/ray_train (one machine only)")
+    ap.add_argument("--max-inflight", type=int, default=None,
+                    help="student runs queued at once (default: 2 x the CPUs the cluster has or can autoscale to)")
     ap.add_argument("--compact", action="store_true", help="merge appended parts into students.parquet at the end")
     args = ap.parse_args(argv)
     try:
@@ -40,13 +47,24 @@ def main(argv=None) -> int:
         return 2
     if args.students_per_task:
         scale = scale.replace(students_per_task=args.students_per_task)
+    if args.max_inflight is not None and args.max_inflight < 1:
+        print("error: --max-inflight must be >= 1", file=sys.stderr)
+        return 2
     from dass_ray.labelgen import build
     from dass_ray.rayutil import init_ray
+    from dass_ray.rayutil import resolve_storage
+
+    try:
+        storage = resolve_storage(args.storage, Path(args.output) / "ray_train")
+    except ValueError as e:
+        print(f"error: --storage: {e}", file=sys.stderr)
+        return 2
 
     init_ray(args.address, args.num_cpus)
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     man = build(args.output, scale, groups, data_root=args.data_root, seed=args.seed, max_runs=args.max_runs,
-                teacher_cpus=args.teacher_cpus, command=cmd, log=lambda m: print(m, flush=True))
+                teacher_cpus=args.teacher_cpus, command=cmd, log=lambda m: print(m, flush=True),
+                storage=storage, max_inflight=args.max_inflight)
     if args.compact:
         MetaDatasetStore(args.output).compact()
     print(json.dumps({"students": man["students"], "total_wall_s": man["total_wall_s"]}))

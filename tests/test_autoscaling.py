@@ -126,7 +126,7 @@ def autoscaling_cluster():
     c = None
     try:
         c = LocalAutoscalingCluster(
-            tmp, head_cpus=1, head_resources={"dass_autoscale_cpu_worker": 1},
+            tmp, head_cpus=1, head_resources={"dass_autoscale_cpu_worker": 4},  # = max_workers x CPUs
             worker_types={"cpu_worker": {"resources": {"CPU": 2, "dass_cpu_worker": 1}, "node_config": {},
                                          "min_workers": 0, "max_workers": 2}})
         ray.init(address=c.address, log_to_driver=False)
@@ -158,10 +158,15 @@ def test_too_few_cpus_on_head_scales_cpu_workers_up_then_down(autoscaling_cluste
     from dass_ray.metatrain import make_model
     from dass_ray.predictor import PredictorBatch
     from dass_ray.resources import ray_options
-    from dass_ray.search import DEFAULT_TEACHER, score_candidates
+    from dass_ray.scoring import score_candidates
+    from dass_ray.search import DEFAULT_TEACHER
+
+    from dass_ray.resources import max_cluster_cpus
 
     assert not _workers()
     assert ray_options("encoder")["resources"] == {"dass_cpu_worker": 0.001}  # pinned to the worker type
+    # Concurrency is sized from what the cluster can grow to (2 x 2 worker CPUs), not the head's 1 CPU.
+    assert max_cluster_cpus() == 4
     ck = load_teacher(DEFAULT_TEACHER)
     space = ck.space
     archs = space.sample_many(np.random.default_rng(0), 64)

@@ -298,7 +298,7 @@ def test_kuberay_errors_name_the_problem(tmp_path):
 def test_kuberay_custom_resources_format_is_what_the_autoscaler_parses():
     derived = cc.validate_kuberay_manifest(KUBERAY_FILE)
     head = derived["available_node_types"]["headgroup"]["resources"]
-    assert head[AUTOSCALE_CPU_WORKER_RESOURCE] == 1 and head[AUTOSCALE_GPU_WORKER_RESOURCE] == 1
+    assert head[AUTOSCALE_CPU_WORKER_RESOURCE] == 128 and head[AUTOSCALE_GPU_WORKER_RESOURCE] == 16
 
 
 def test_launcher_and_kuberay_are_not_confused(tmp_path):
@@ -417,3 +417,41 @@ def test_options_inputs_are_not_mutated():
     res = dict(FULL_CLUSTER)
     ray_options("encoder", res)
     assert res == FULL_CLUSTER
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capacity markers: concurrency is sized from the CPUs a cluster can grow to (docs/scaling.md B6)
+# ---------------------------------------------------------------------------------------------------------------
+
+# vCPUs of the instance types cluster/aws.yaml names (AWS documentation); the launcher detects them at run time.
+AWS_VCPUS = {"c6i.4xlarge": 16, "g5.xlarge": 4}
+
+
+def test_aws_markers_are_the_worker_types_max_cpus():
+    cfg = cc.validate_launcher_config(CLUSTER / "aws.yaml")
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]["resources"]
+    for marker, name in ((AUTOSCALE_CPU_WORKER_RESOURCE, "cpu_worker"), (AUTOSCALE_GPU_WORKER_RESOURCE, "gpu_worker")):
+        t = types[name]
+        vcpus = AWS_VCPUS[t["node_config"]["InstanceType"]]
+        assert head[marker] == t["max_workers"] * vcpus, (marker, head[marker], t["max_workers"], vcpus)
+
+
+def test_kuberay_markers_are_the_groups_max_cpus():
+    derived = cc.validate_kuberay_manifest(KUBERAY_FILE)
+    types = derived["available_node_types"]
+    head = types["headgroup"]["resources"]
+    for marker, name in ((AUTOSCALE_CPU_WORKER_RESOURCE, "cpu-workers"), (AUTOSCALE_GPU_WORKER_RESOURCE, "gpu-workers")):
+        t = types[name]
+        assert head[marker] == t["max_workers"] * t["resources"]["CPU"], (marker, head[marker], t)
+
+
+def test_max_cluster_cpus_counts_what_the_cluster_can_grow_to():
+    from dass_ray.resources import max_cluster_cpus
+
+    cfg = cc.validate_launcher_config(CLUSTER / "aws.yaml")
+    fresh = cfg["available_node_types"][cfg["head_node_type"]]["resources"]  # head only, CPU 0
+    assert max_cluster_cpus(fresh) == 256 + 16
+    assert max_cluster_cpus({"CPU": 2.0}) == 2  # a laptop: what it has
+    assert max_cluster_cpus({"CPU": 300.0, AUTOSCALE_CPU_WORKER_RESOURCE: 256.0}) == 300
+    assert max_cluster_cpus({}) == 1

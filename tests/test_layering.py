@@ -23,3 +23,14 @@ def test_core_module_imports_no_ray_or_grpc(mod):
             names = [node.module or ""]
         for n in names:
             assert n.split(".")[0] not in FORBIDDEN, f"{mod}.py imports {n}"
+
+
+def test_actor_module_stays_light():
+    """Encoder/predictor actor processes import `dass_ray.scoring`: no Tune, Train, pyarrow or pandas there."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dass_ray.scoring; "
+            "print(','.join(m for m in ('ray.tune', 'ray.train', 'pyarrow', 'pandas', 'grpc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"dass_ray.scoring pulls in {out}"

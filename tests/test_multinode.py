@@ -194,7 +194,8 @@ def scoring(mn):
     from dass_ray.meta import teacher_support
     from dass_ray.metatrain import make_model
     from dass_ray.predictor import PredictorBatch
-    from dass_ray.search import DEFAULT_TEACHER, score_candidates
+    from dass_ray.scoring import score_candidates
+    from dass_ray.search import DEFAULT_TEACHER
 
     ck = load_teacher(DEFAULT_TEACHER)
     space = ck.space
@@ -221,7 +222,7 @@ def _encoder_nodes() -> dict[str, tuple[str, int]]:
 
 
 def test_scoring_on_three_nodes_spreads_encoders_and_matches_single_node(mn, scoring):
-    from dass_ray.search import score_candidates
+    from dass_ray.scoring import score_candidates
 
     mn.set_workers(2)
     s = scoring
@@ -244,7 +245,7 @@ def test_scoring_on_three_nodes_spreads_encoders_and_matches_single_node(mn, sco
 def test_worker_node_lost_mid_scoring_scores_every_candidate_once(mn, scoring):
     import ray
 
-    from dass_ray.search import score_candidates
+    from dass_ray.scoring import score_candidates
 
     mn.set_workers(2)
     s = scoring

@@ -46,6 +46,7 @@ def cfg(tmp_path, predictor_path, **kw):
     ({"max_params": -5.0}, "--max-params must be positive"),
     ({"predictor": "/nonexistent/p.pt"}, "--predictor: .*not found"),
     ({"scale": "huge"}, "--scale: unknown scale"),
+    ({"storage": "nosuch://bucket/x"}, "--storage: 'nosuch://bucket/x' is not a storage URI"),
 ])
 def test_bad_inputs_are_rejected_before_ray(tmp_path, predictor_path, kw, msg):
     with pytest.raises(InputError, match=msg):
@@ -152,7 +153,7 @@ def test_scoring_survives_a_killed_encoder_and_scores_each_candidate_once(ray_lo
     from dass_ray.meta import teacher_support
     from dass_ray.metatrain import make_model
     from dass_ray.predictor import PredictorBatch
-    from dass_ray.search import EncoderActor, score_candidates
+    from dass_ray.scoring import EncoderActor, score_candidates
 
     ray = ray_local
     ck = load_teacher(DEFAULT_TEACHER)
@@ -192,7 +193,10 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     # able to pickle its experiment state (callbacks and searcher must not drag the run or `print` along).
     real_print = builtins.print
     monkeypatch.setattr(builtins, "print", lambda *a, **k: real_print(*a, **k))
-    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2)
+    # KD checkpoints on separate storage given as a URI (as s3:// or a shared mount would be on a cluster): the
+    # export must read the best one through its file system, not from --output.
+    store = tmp_path / "shared-store"
+    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2, storage=f"file://{store}")
     result = SearchRun(prepare(c)).run()
     out = Path(c.output)
     cands = pq.read_table(out / "candidates.parquet")
@@ -201,6 +205,8 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     top2 = set(np.argsort(-cands["predicted_acc"].to_numpy(), kind="mergesort")[:2].tolist())
     assert {t["index"] for t in trials} == top2  # exactly the top-K predicted were distilled
     assert all(t["status"] == "ok" and 0 <= t["measured_acc"] <= 1 for t in trials)
+    assert all(t["checkpoint"].startswith(str(store / "kd")) for t in trials), [t["checkpoint"] for t in trials]
+    assert not (out / "tune").exists()
     assert result["best"]["measured_acc"] == max(t["measured_acc"] for t in trials)
     assert (out / "report.png").stat().st_size > 1000
     ts = torch.jit.load(str(out / "student.torchscript.pt"))
@@ -211,7 +217,7 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     # resume: drop one finished trial -> only that one runs again, scoring is not redone
     pq.write_table(pq.read_table(out / "trials.parquet").slice(0, 1), out / "trials.parquet")
     (out / "result.json").unlink()
-    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True)
+    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True, storage=str(store))
     SearchRun(prepare(c2)).run()
     events2 = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     new = events2[len(events):]
