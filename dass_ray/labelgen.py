@@ -75,6 +75,32 @@ def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, s
     return blob["state_dict"], blob["result"]
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _teacher_remote(task: TaskSpec, data: TensorData, scale: ScaleConfig, storage: str, seed: int,
+                    cpus: int) -> tuple[dict, dict, float]:
+    """Drive one teacher's Ray Train run from a task (no CPU of its own), so several teachers train at once."""
+    t0 = time.perf_counter()
+    sd, summ = train_teacher_on_ray(task, data, scale, storage, seed=seed, cpus=cpus)
+    return sd, summ, time.perf_counter() - t0
+
+
+def _save_trained_teacher(tp: Path, task: TaskSpec, data: TensorData, scale: ScaleConfig, sd: dict, summ: dict,
+                          wall: float) -> float:
+    """Round to half precision (what is stored is what every later stage uses), evaluate, save atomically;
+    returns the validation accuracy."""
+    from dass_ray.kd import evaluate
+    from dass_ray.nets import build as build_net
+
+    sd = round_half(sd)
+    space = get_space(scale.space, data.num_classes)
+    model = build_net(space.teacher(), space)
+    model.load_state_dict(sd)
+    acc = evaluate(model, data.x_val, data.y_val)
+    save_teacher(tp, model, space, acc, data.class_names, half=True,
+                 meta={"task": task.to_dict(), "train": summ, "wall_s": wall, "code_version": code_version()})
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Students (Ray tasks)
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,12 +115,14 @@ def _student_remote(ctx: TaskContext, arch_json: str, scale: ScaleConfig, seed: 
 
 def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, data_root: str | Path | None = None,
           seed: int = 0, max_runs: int | None = None, teacher_cpus: int = 1, command: str = "",
-          storage: str | None = None, max_inflight: int | None = None, log=print) -> dict:
+          storage: str | None = None, max_inflight: int | None = None, teacher_parallel: int | None = None,
+          log=print) -> dict:
     """Build (or continue) a meta-dataset in `output`. Returns a summary dict.
 
     `storage`: where Ray Train keeps the teachers' checkpoints -- on a multi-node cluster a directory every node
     mounts or a URI (s3://...); default `<output>/ray_train` (one machine). `max_inflight`: student runs queued
-    at once (default: twice the CPUs the cluster has or can autoscale to)."""
+    at once (default: twice the CPUs the cluster has or can autoscale to). `teacher_parallel`: teachers trained
+    at once (default: the CPUs the cluster has or can autoscale to // `teacher_cpus`)."""
     t_start = time.time()
     store = MetaDatasetStore(output)
     plan = {"scale": scale.to_dict(), "groups": [g.to_dict() for g in groups], "seed": seed}
@@ -114,34 +142,68 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     space0 = get_space(scale.space)
     probe = noise_input(space0, 0)
 
-    # 1. teachers + soft labels + teacher embeddings
-    contexts: dict[str, TaskContext] = {}
+    # 1. the plan: every task's students, and what is still to run. Only tasks with work left (or no task row
+    # yet) need their teacher, so a finished task's teacher may be absent (it is not shipped) on a resume.
     timings = {"teachers_s": 0.0, "students_s": 0.0}
     done_tasks = {r["task_id"] for r in store.task_rows().to_pylist()}
-    for i, task in enumerate(tasks):
-        data = task_data(task, space0.image_size, data_root, cache)
-        space = get_space(scale.space, data.num_classes)
-        tp = store.teacher_path(task.task_id)
-        if not tp.exists():
-            t0 = time.perf_counter()
+    spaces = {t.task_id: get_space(scale.space, task_data(t, space0.image_size, data_root, cache).num_classes)
+              for t in tasks}
+    done = store.done_keys()
+    jobs, per_task = [], {}
+    for task in tasks:
+        n = scale.students_per_test_task if roles[task.task_id] == "test" else scale.students_per_task
+        per_task[task.task_id] = student_plan(task, spaces[task.task_id], n, seed)
+    # streams: each task's students, and each test task's noise-ceiling replicates (second seed); taken
+    # round-robin so that a partial build has every task (and the noise ceiling) at a similar count
+    streams = [[(t.task_id, a, seed, 0) for a in per_task[t.task_id]] for t in tasks]
+    streams += [[(t.task_id, a, seed + 1, 1) for a in per_task[t.task_id][:scale.noise_ceiling_students]]
+                for t in tasks if roles[t.task_id] == "test"]
+    for j in range(max(len(s) for s in streams)):
+        jobs.extend(s[j] for s in streams if j < len(s))
+    todo = [j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done]
+    n_recorded = len(jobs) - len(todo)
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    needed = {j[0] for j in todo} | {t.task_id for t in tasks if t.task_id not in done_tasks}
+    active = [(i, t) for i, t in enumerate(tasks) if t.task_id in needed]
+
+    # 2. teachers + soft labels + teacher embeddings of the active tasks
+    contexts: dict[str, TaskContext] = {}
+    storage = storage or str(store.root / "ray_train")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())  # resolved here: the Train runs are driven from worker processes
+    # 2a. every missing teacher at once (up to `teacher_parallel` Ray Train runs in flight), saved as it finishes
+    missing = [(i, t) for i, t in active if not store.teacher_path(t.task_id).exists()]
+    if missing:
+        par = teacher_parallel or max(1, max_cluster_cpus() // max(1, teacher_cpus))
+        t_phase = time.perf_counter()
+        queue = list(missing)
+        inflight: dict = {}
+
+        def submit_teacher() -> None:
+            i, task = queue.pop(0)
+            data = task_data(task, space0.image_size, data_root, cache)
             log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({scale.teacher.epochs} epochs, "
                 f"{len(data.y_train)} images) with Ray Train")
-            sd, summ = train_teacher_on_ray(task, data, scale, storage or (store.root / "ray_train"), seed=seed,
-                                            cpus=teacher_cpus)
-            sd = round_half(sd)  # what is stored is what every later stage uses
-            net = get_space(scale.space, data.num_classes)
-            from dass_ray.nets import build as build_net
+            inflight[_teacher_remote.remote(task, data, scale, storage, seed, teacher_cpus)] = (i, task, data)
 
-            model = build_net(net.teacher(), net)
-            model.load_state_dict(sd)
-            from dass_ray.kd import evaluate
-
-            acc = evaluate(model, data.x_val, data.y_val)
-            wall = time.perf_counter() - t0
-            timings["teachers_s"] += wall
-            save_teacher(tp, model, space, acc, data.class_names, half=True,
-                         meta={"task": task.to_dict(), "train": summ, "wall_s": wall, "code_version": code_version()})
+        while queue and len(inflight) < par:
+            submit_teacher()
+        while inflight:
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            i, task, data = inflight.pop(ref)
+            sd, summ, wall = ray.get(ref)  # a failed teacher stops the build: its task would have no labels
+            acc = _save_trained_teacher(store.teacher_path(task.task_id), task, data, scale, sd, summ, wall)
             log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: val acc {acc:.3f} ({wall:.0f}s)")
+            if queue:
+                submit_teacher()
+        timings["teachers_s"] += time.perf_counter() - t_phase
+
+    # 2b. per task: soft labels once, the teacher's embedding, the context shipped to student runs
+    for i, task in active:
+        data = task_data(task, space0.image_size, data_root, cache)
+        space = spaces[task.task_id]
+        tp = store.teacher_path(task.task_id)
         ck = load_teacher(tp)
         soft_path = store.root / "soft" / f"{task.task_id}.parquet"
         expect = {"teacher": ck.digest(), "data": data.fingerprint()}
@@ -163,24 +225,8 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
         contexts[task.task_id] = TaskContext(task.task_id, roles[task.task_id], task.source, space, ck.state_dict,
                                              ck.val_acc, data, soft)
 
-    # 2. students: round-robin over tasks so partial results stay balanced; noise-ceiling replicates last
-    done = store.done_keys()
-    jobs, per_task = [], {}
-    for task in tasks:
-        n = scale.students_per_test_task if roles[task.task_id] == "test" else scale.students_per_task
-        per_task[task.task_id] = student_plan(task, contexts[task.task_id].space, n, seed)
-    # streams: each task's students, and each test task's noise-ceiling replicates (second seed); taken
-    # round-robin so that a partial build has every task (and the noise ceiling) at a similar count
-    streams = [[(t.task_id, a, seed, 0) for a in per_task[t.task_id]] for t in tasks]
-    streams += [[(t.task_id, a, seed + 1, 1) for a in per_task[t.task_id][:scale.noise_ceiling_students]]
-                for t in tasks if roles[t.task_id] == "test"]
-    for j in range(max(len(s) for s in streams)):
-        jobs.extend(s[j] for s in streams if j < len(s))
-    todo = [j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done]
-    if max_runs is not None:
-        todo = todo[:max_runs]
-    log(f"[students] {len(jobs) - len([j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done])}"
-        f"/{len(jobs)} already recorded; running {len(todo)}")
+    # 3. students: round-robin over tasks so partial results stay balanced; noise-ceiling replicates last
+    log(f"[students] {n_recorded}/{len(jobs)} already recorded; running {len(todo)}")
     ctx_refs = {tid: ray.put(c) for tid, c in contexts.items()}
     # Twice the CPUs the cluster has or can autoscale to: enough queued demand for the autoscaler to see.
     max_inflight = max_inflight or max(2, 2 * max_cluster_cpus())

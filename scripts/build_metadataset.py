@@ -35,6 +35,9 @@ def main(argv=None) -> int:
                     help="Ray Train storage for teacher checkpoints: on a multi-node cluster a directory every node "
                          "mounts (NFS/EFS) or a URI (s3://bucket/prefix); default $DASS_RAY_STORAGE, else "
                          "<output>/ray_train (one machine only)")
+    ap.add_argument("--teacher-parallel", type=int, default=None,
+                    help="teachers trained at once (default: the CPUs the cluster has or can autoscale to // "
+                         "--teacher-cpus)")
     ap.add_argument("--max-inflight", type=int, default=None,
                     help="student runs queued at once (default: 2 x the CPUs the cluster has or can autoscale to)")
     ap.add_argument("--compact", action="store_true", help="merge appended parts into students.parquet at the end")
@@ -47,9 +50,10 @@ def main(argv=None) -> int:
         return 2
     if args.students_per_task:
         scale = scale.replace(students_per_task=args.students_per_task)
-    if args.max_inflight is not None and args.max_inflight < 1:
-        print("error: --max-inflight must be >= 1", file=sys.stderr)
-        return 2
+    for flag in ("max_inflight", "teacher_parallel"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     from dass_ray.labelgen import build
     from dass_ray.rayutil import init_ray
     from dass_ray.rayutil import resolve_storage
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     man = build(args.output, scale, groups, data_root=args.data_root, seed=args.seed, max_runs=args.max_runs,
                 teacher_cpus=args.teacher_cpus, command=cmd, log=lambda m: print(m, flush=True),
-                storage=storage, max_inflight=args.max_inflight)
+                storage=storage, max_inflight=args.max_inflight, teacher_parallel=args.teacher_parallel)
     if args.compact:
         MetaDatasetStore(args.output).compact()
     print(json.dumps({"students": man["students"], "total_wall_s": man["total_wall_s"]}))

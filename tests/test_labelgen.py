@@ -27,8 +27,19 @@ def built(ray_local, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("md")
     scale = get_scale("tiny")
-    first = build(out, scale, PLANS["tiny"], max_runs=5, log=lambda m: None)  # a partial run (as if killed)
+    msgs: list[str] = []
+    first = build(out, scale, PLANS["tiny"], max_runs=5, log=msgs.append)  # a partial run (as if killed)
+    first["log"] = msgs
     return out, scale, first
+
+
+def test_teachers_train_concurrently_up_to_the_cpus(built):
+    # 4 tasks, 2 CPUs, 1 CPU per teacher: two Ray Train runs in flight at once, the next starting as one ends
+    log = [m for m in built[2]["log"] if m.startswith("[teacher ")]
+    kinds = ["start" if "training" in m else "done" for m in log]
+    assert kinds.count("start") == kinds.count("done") == 4, log
+    assert kinds[:3] == ["start", "start", "done"], log
+    assert kinds[3] == "start", log  # a freed slot is refilled before waiting again
 
 
 def test_partial_build_then_resume_records_everything_once(built):
@@ -51,8 +62,19 @@ def test_partial_build_then_resume_records_everything_once(built):
     assert all(len(r["embedding"]) == 128 * 4 * 4 * 2 for r in rows)
     n = store.compact()
     assert n == 14 and not list(store.parts.glob("*.parquet")) and len(store.students()) == 14
-    again = build(out, scale, PLANS["tiny"], log=lambda m: None)
-    assert again["sessions"][-1]["runs"] == 0
+    # a finished build resumes without its teachers (train/val teachers are not shipped): nothing retrained
+    aside = out.parent / (out.name + "-teachers")
+    store.teachers.rename(aside)
+    try:
+        msgs: list[str] = []
+        again = build(out, scale, PLANS["tiny"], log=msgs.append)
+        assert again["sessions"][-1]["runs"] == 0
+        assert not [m for m in msgs if m.startswith("[teacher ")], msgs
+        assert not list(store.teachers.glob("*.pt"))
+    finally:
+        if store.teachers.exists():
+            store.teachers.rmdir()
+        aside.rename(store.teachers)
 
 
 def test_a_diverging_student_is_a_failed_row_not_a_crash(built):
