@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metadataset", required=True)
     ap.add_argument("--predictor", required=True, help="DaSS predictor checkpoint")
     ap.add_argument("--arch-only", default=None, help="architecture-only baseline checkpoint "
-                    "(default: trained here on the same meta-dataset, same schedule)")
+                    "(default: trained here on the same meta-dataset with the DaSS predictor's schedule)")
     ap.add_argument("--output", default="artifacts/eval")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--scale", default="cpu")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     root = Path(args.metadataset)
     try:
         tasks = load_meta_tasks(root, tuple(args.roles.split(",")))
-        dass, _ = load_predictor(args.predictor, space)
+        dass, dass_blob = load_predictor(args.predictor, space)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -89,8 +89,13 @@ def main(argv=None) -> int:
     if args.arch_only:
         arch_only, _ = load_predictor(args.arch_only, space)
     else:
-        cfg = MetaTrainConfig(episodes=scale.meta_episodes, lr=scale.meta_lr, query_size=scale.meta_query_size,
-                              eval_every=scale.meta_eval_every, use_functional=False, adapt=False)
+        # the same schedule as the DaSS predictor's (its manifest), else the scale's
+        sched = (dass_blob.get("meta") or {}).get("config") or {}
+        cfg = MetaTrainConfig(episodes=int(sched.get("episodes", scale.meta_episodes)),
+                              lr=float(sched.get("lr", scale.meta_lr)),
+                              query_size=int(sched.get("query_size", scale.meta_query_size)),
+                              eval_every=int(sched.get("eval_every", scale.meta_eval_every)),
+                              seed=int(sched.get("seed", 0)), use_functional=False, adapt=False)
         arch_only, _ = train_local(space, load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",)), cfg)
     specs = {t.task_id: t for t in load_tasks(root / "tasks.json")}
     store = MetaDatasetStore(root)
