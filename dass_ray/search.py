@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -542,7 +543,10 @@ class SearchRun:
         torch.save({"format": "dass_ray.student/1", "arch": arch.to_dict(), "space": p.space.to_dict(),
                     "state_dict": sd, "class_names": list(p.data.class_names)}, self.out / "student.pt")
         example = torch.zeros(1, 3, p.space.image_size, p.space.image_size)
-        scripted = torch.jit.trace(model, example)
+        with warnings.catch_warnings():  # shape checks are constants for this one architecture; trace is what
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a plain-torch consumer can load (jit.load)
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.trace(model, example)
         scripted.save(str(self.out / "student.torchscript.pt"))
         row = cands.slice(best["index"], 1).to_pylist()[0]
         self.state["timings"]["export_s"] = round(time.time() - t0, 3)
@@ -575,18 +579,26 @@ class SearchRun:
         a1.scatter([r["predicted_acc"] for r in ok], [r["measured_acc"] for r in ok], c="C1")
         for r in ok:
             a1.annotate(str(r["index"]), (r["predicted_acc"], r["measured_acc"]), fontsize=7)
-        a1.set_xlabel("predicted post-KD accuracy")
+        a1.set_xlabel("predicted post-KD accuracy (DaSS score: ranks, not calibrated)")
         a1.set_ylabel("measured post-KD accuracy")
         a1.set_title("distilled students")
+        # the predictor ranks; its absolute level can sit far from the measured accuracies, so the predicted
+        # scores of all candidates get their own axis (right) and the measured accuracies the left one
         flops = cands["flops"].to_numpy() / 1e6
-        a2.scatter(flops, cands["predicted_acc"].to_numpy(), s=3, c="0.7", label="candidates (predicted)")
+        a3 = a2.twinx()
+        a3.scatter(flops, cands["predicted_acc"].to_numpy(), s=3, c="0.7", label="candidates (predicted, right axis)")
+        a3.set_ylabel("predicted score", color="0.4")
+        a2.set_zorder(a3.get_zorder() + 1)
+        a2.patch.set_visible(False)
         a2.scatter([flops[r["index"]] for r in ok], [r["measured_acc"] for r in ok], c="C1", label="distilled (measured)")
         a2.axhline(result["teacher_acc"], ls=":", c="k", lw=1, label="teacher")
         if self.cfg.max_flops:
             a2.axvline(self.cfg.max_flops / 1e6, ls="--", c="C3", lw=1, label="FLOPs budget")
         a2.set_xlabel("MFLOPs")
-        a2.set_ylabel("accuracy")
-        a2.legend(fontsize=7)
+        a2.set_ylabel("measured accuracy")
+        h2, l2 = a2.get_legend_handles_labels()
+        h3, l3 = a3.get_legend_handles_labels()
+        a2.legend(h2 + h3, l2 + l3, fontsize=7)
         fig.tight_layout()
         fig.savefig(self.out / "report.png", dpi=100)
         plt.close(fig)
