@@ -13,7 +13,6 @@ only (no Ray, no torch).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -22,6 +21,8 @@ from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dass_ray.fileutil import sha256_file
 
 try:
     from dass_ray.v1 import search_pb2 as pb
@@ -62,14 +63,6 @@ def read_token(path: str | Path) -> str:
     if not lines or len(lines[0]) not in (1, 2):
         raise ClientError(f"{p}: expected a token, or one 'client-name token' line")
     return lines[0][-1]
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(CHUNK), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 class SearchClient:

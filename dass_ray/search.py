@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
@@ -27,7 +26,7 @@ from ray.tune.search import Searcher
 from dass_ray.config import ScaleConfig, get_scale
 from dass_ray.data import DatasetError, bundled_path
 from dass_ray.embed import Embedder
-from dass_ray.kd import (SoftLabels, TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
+from dass_ray.kd import (TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
                          train_kd, train_teacher)
 from dass_ray.meta import MetaSGD
 from dass_ray.metadataset import dataset_task

@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dass_ray import jobs as J
+from dass_ray.fileutil import sha256_file
 
 try:
     from dass_ray.v1 import search_pb2 as pb
@@ -240,14 +241,6 @@ class _Release:
 
     def __exit__(self, *exc) -> None:
         self.sem.release()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(CHUNK), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -674,7 +667,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             raise _invalid("offset", f"must be in [0, {st.st_size}], got {request.offset}")
         key = (str(path), st.st_mtime_ns, st.st_size)
         if key not in self._sha_cache:
-            self._sha_cache[key] = _sha256_file(path)
+            self._sha_cache[key] = sha256_file(path)
         with self._stream_slot(), open(path, "rb") as f:
             yield pb.ArtifactChunk(header=pb.ArtifactHeader(filename=name, size_bytes=st.st_size,
                                                             sha256=self._sha_cache[key]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import time
 import sys
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--roles", default="test", help="comma-separated task roles to evaluate")
     ap.add_argument("--proxy-batch", type=int, default=64, help="images for NASWOT")
     args = ap.parse_args(argv)
+    t_start = time.time()
 
     from dass_ray.config import get_scale
     from dass_ray.data import load_tasks
@@ -157,6 +160,16 @@ def main(argv=None) -> int:
                "mean_spearman": mean, "noise_ceiling": {k: (v["spearman"] if v else None) for k, v in ceilings.items()}}
     summary = _finite(summary)
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    from dass_ray.fileutil import sha256_file
+    from dass_ray.metadataset import code_version, machine
+
+    manifest = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
+                "machine": machine(), "wall_s": round(time.time() - t_start, 1),
+                "predictor": {"path": args.predictor, "sha256": sha256_file(args.predictor)},
+                "arch_only": ({"path": args.arch_only, "sha256": sha256_file(args.arch_only)} if args.arch_only
+                              else {"trained_here": cfg.to_dict()}),
+                "metadataset": str(root), "tasks": list(results)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(summary))
     return 0
 
