@@ -82,16 +82,25 @@ class MetaTrainConfig:
     use_functional: bool = True
     adapt: bool = True  # False: no inner step (ablation / arch-only baseline trained plainly)
     first_order: bool = False
+    weight_decay: float = 0.0  # decoupled (AdamW) on the predictor's weights; never on the learned step sizes
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def make_optimizer(model: MetaSGD, cfg: MetaTrainConfig) -> torch.optim.Optimizer:
+    """Adam on weights and step sizes (DESIGN.md); with `weight_decay` > 0, AdamW-style decay on the weights."""
+    if not cfg.weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.AdamW([{"params": list(model.predictor.parameters()), "weight_decay": cfg.weight_decay},
+                              {"params": list(model.step_sizes.parameters()), "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig,
                 log=None) -> tuple[MetaSGD, dict]:
     """Single-process meta-training (reference for the Ray Train path; used for baselines)."""
     model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     best = (-float("inf"), None, -1)
     ids = list(range(len(train)))
     for ep in range(cfg.episodes):

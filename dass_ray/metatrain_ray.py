@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dass_ray.metadataset import MetaTask
-from dass_ray.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_model
+from dass_ray.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_model, make_optimizer
 from dass_ray.resources import scaling_config_kwargs
 from dass_ray.space import SpaceConfig
 
@@ -32,7 +32,7 @@ def _loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     start, best, best_state, best_ep = 0, -float("inf"), None, -1
     ck = ray.train.get_checkpoint()
     if ck is not None:

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                               lr=float(sched.get("lr", scale.meta_lr)),
                               query_size=int(sched.get("query_size", scale.meta_query_size)),
                               eval_every=int(sched.get("eval_every", scale.meta_eval_every)),
-                              seed=int(sched.get("seed", 0)), use_functional=False, adapt=False)
+                              seed=int(sched.get("seed", 0)), weight_decay=float(sched.get("weight_decay", 0.0)),
+                              use_functional=False, adapt=False)
         arch_only, _ = train_local(space, load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",)), cfg)
     specs = {t.task_id: t for t in load_tasks(root / "tasks.json")}
     store = MetaDatasetStore(root)

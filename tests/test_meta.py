@@ -106,3 +106,22 @@ def test_rank_correlations():
     a, b = rng.integers(0, 5, 40), rng.normal(size=40)
     assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
     assert kendall(a, b) == pytest.approx(scipy_stats.kendalltau(a, b).statistic)
+
+
+def test_weight_decay_shrinks_weights_and_never_the_step_sizes():
+    from dass_ray.metatrain import MetaTrainConfig, make_model, make_optimizer
+    from dass_ray.space import get_space
+
+    space = get_space("cpu")
+    model = make_model(space, inner_lr=0.005, seed=0)
+    w0 = {n: p.detach().clone() for n, p in model.predictor.named_parameters()}
+    s0 = {n: p.detach().clone() for n, p in model.step_sizes.named_parameters()}
+    opt = make_optimizer(model, MetaTrainConfig(lr=0.01, weight_decay=0.5))
+    loss = sum((p * 0).sum() for p in model.parameters())  # zero gradients: only the decay moves anything
+    loss.backward()
+    opt.step()
+    for n, p in model.predictor.named_parameters():
+        assert torch.allclose(p.detach(), w0[n] * (1 - 0.01 * 0.5)), n
+    for n, p in model.step_sizes.named_parameters():
+        assert torch.equal(p.detach(), s0[n]), n
+    assert type(make_optimizer(model, MetaTrainConfig())) is torch.optim.Adam  # default: plain Adam, no decay

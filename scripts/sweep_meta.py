@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Choose the meta-learning schedule on the meta-validation tasks only: meta-train one predictor per
+(lr, weight decay) setting in a grid (plain PyTorch, `metatrain.train_local`, the same computation as the Ray Train
+path with one worker) and report each one's mean Spearman on the meta-validation tasks (with and without the
+teacher-guided adaptation step). Meta-test tasks are never loaded.
+
+    python scripts/sweep_meta.py --metadataset artifacts/metadataset --lr 5e-4,1e-3,2e-3,4e-3 --weight-decay 0,0.01,0.1 \
+        --output artifacts/metaval_sweep.json
+
+Settings run in parallel, one process and one torch thread each (`--jobs`, default: the machine's CPUs).
+Last line: one JSON object {"runs": [...], "best": {...}} (best = highest mean validation Spearman with adaptation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def _one(args: tuple) -> dict:
+    root, scale_name, episodes, lr, wd, seed = args
+    import torch
+
+    torch.set_num_threads(1)
+    from dass_ray.config import get_scale
+    from dass_ray.metadataset import load_meta_tasks
+    from dass_ray.metatrain import MetaTrainConfig, evaluate, train_local
+    from dass_ray.space import get_space
+
+    scale = get_scale(scale_name)
+    train, val = load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",))
+    cfg = MetaTrainConfig(episodes=episodes, lr=lr, weight_decay=wd, inner_lr=scale.meta_inner_lr,
+                          query_size=scale.meta_query_size, eval_every=scale.meta_eval_every, seed=seed)
+    t0 = time.time()
+    model, info = train_local(get_space(scale.space), train, val, cfg)
+    ev, ev0 = evaluate(model, val, True), evaluate(model, val, False)
+    return {"lr": lr, "weight_decay": wd, "episodes": episodes, "seed": seed,
+            "val_spearman": ev["mean_spearman"], "val_spearman_no_adapt": ev0["mean_spearman"],
+            "per_task": {k: v["spearman"] for k, v in ev["tasks"].items()},
+            "best_episode": info["best_episode"], "wall_s": round(time.time() - t0, 1)}
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def main(argv=None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--metadataset", required=True, help="meta-dataset directory (scripts/build_metadataset.py)")
+    ap.add_argument("--scale", default="cpu")
+    ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--lr", type=_floats, default=[5e-4], help="comma-separated meta learning rates")
+    ap.add_argument("--weight-decay", type=_floats, default=[0.0], help="comma-separated AdamW weight decays")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--output", default=None, help="write the runs as JSON here too")
+    args = ap.parse_args(argv)
+    if args.episodes < 1 or args.jobs < 1 or any(x <= 0 for x in args.lr) or any(x < 0 for x in args.weight_decay):
+        print("error: --episodes and --jobs must be >= 1, --lr > 0, --weight-decay >= 0", file=sys.stderr)
+        return 2
+    from dass_ray.metadataset import load_meta_tasks
+
+    try:
+        if not load_meta_tasks(args.metadataset, ("train",)) or not load_meta_tasks(args.metadataset, ("val",)):
+            print(f"error: {args.metadataset}: needs finished students of train and val tasks", file=sys.stderr)
+            return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    grid = [(args.metadataset, args.scale, args.episodes, lr, wd, args.seed) for lr in args.lr for wd in args.weight_decay]
+    t0 = time.time()
+    runs = []
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(grid))) as ex:
+        for r in ex.map(_one, grid):
+            runs.append(r)
+            print(f"lr {r['lr']:g} wd {r['weight_decay']:g}: val Spearman {r['val_spearman']:.3f} "
+                  f"(no adapt {r['val_spearman_no_adapt']:.3f}), best episode {r['best_episode']}", file=sys.stderr)
+    best = max(runs, key=lambda r: r["val_spearman"])
+    out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "val_spearman", "best_episode")}}
+    if args.output:
+        from dass_ray.metadataset import code_version, machine
+
+        man = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
+               "machine": machine(), "wall_s": round(time.time() - t0, 1), "metadataset": args.metadataset}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({**out, "manifest": man}, indent=1))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
