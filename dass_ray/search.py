@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class Prepared:
     teacher: TeacherCheckpoint | None  # None: train one
     predictor: MetaSGD
     out: Path
+    predictor_meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's training manifest
 
 
 def _dataset_path(s: str) -> str:
@@ -178,7 +180,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
     except ValueError as e:
         raise InputError(f"budget: {e}") from None
     try:
-        predictor, _ = load_predictor(cfg.predictor, space)
+        predictor, blob = load_predictor(cfg.predictor, space)
     except ValueError as e:
         raise InputError(f"--predictor: {e}") from None
     out = Path(cfg.output)
@@ -188,7 +190,18 @@ def prepare(cfg: SearchConfig) -> Prepared:
         raise InputError(f"--storage: {e}") from None
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
-    return Prepared(cfg, scale, space, data, teacher, predictor, out)
+    return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}))
+
+
+def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:
+    """A warning when the teacher's accuracy lies outside the range of the predictor's meta-training teachers:
+    the one-step adaptation on such a teacher leaves the regime the predictor was meta-trained in, and its ranking
+    is less reliable there (README, evaluation: the 16%-accuracy Omniglot teacher)."""
+    rng = predictor_meta.get("train_teacher_acc_range")
+    if not rng or rng[0] <= teacher_acc <= rng[1]:
+        return None
+    return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
+            f"({rng[0]:.2f}-{rng[1]:.2f}); its ranking is less reliable here: consider --readapt or a larger --top-k")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,6 +343,7 @@ class SearchRun:
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"timings": {}}
         self.trial_rows: list[dict] = []
+        self.warnings: list[str] = []
         tp = self.out / "trials.parquet"
         if tp.exists():
             self.trial_rows = pq.read_table(tp).to_pylist()
@@ -346,6 +360,10 @@ class SearchRun:
                              f"{len(p.data.y_train)} train / {len(p.data.y_val)} val images")
             teacher = self._teacher()
             self.teacher = teacher
+            self.warnings = [w for w in [teacher_range_warning(teacher.val_acc, p.predictor_meta)] if w]
+            for w in self.warnings:
+                print(f"warning: {w}", file=sys.stderr, flush=True)
+                self.events.emit("validate", 1, 1, f"warning: {w}")
             scored = self._score(teacher)
             trials = self._kd(teacher, scored)
             result = self._export(teacher, scored, trials)
@@ -558,6 +576,7 @@ class SearchRun:
             "timings": self.state["timings"], "candidates": cands.num_rows, "top_k": cfg.top_k,
             "trials": [{k: r[k] for k in ("index", "predicted_acc", "measured_acc", "status")} for r in trials],
             "budget": {"max_flops": cfg.max_flops, "max_params": cfg.max_params}, "readapt": cfg.readapt,
+            "warnings": list(self.warnings),
             "dataset": cfg.dataset, "class_names": list(p.data.class_names),
             "image_size": p.space.image_size, "normalize": {"mean": 0.5, "std": 0.5},
         }

@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--arch-only", action="store_true", help="train the architecture-only baseline "
                     "(no functional embeddings, no teacher-guided adaptation)")
+    ap.add_argument("--lr", type=float, default=None, help="meta learning rate (Adam; default: the scale's)")
     ap.add_argument("--weight-decay", type=float, default=0.0,
                     help="decoupled (AdamW) weight decay on the predictor's weights, not on the step sizes")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         print(f"error: {args.metadataset}: no meta-training task has finished students yet", file=sys.stderr)
         return 2
     space = get_space(scale.space)
-    cfg = MetaTrainConfig(episodes=args.episodes or scale.meta_episodes, lr=scale.meta_lr,
+    cfg = MetaTrainConfig(episodes=args.episodes or scale.meta_episodes, lr=args.lr or scale.meta_lr,
                           inner_lr=scale.meta_inner_lr, query_size=scale.meta_query_size,
                           eval_every=scale.meta_eval_every, seed=args.seed, use_functional=not args.arch_only,
                           adapt=not args.arch_only, weight_decay=args.weight_decay)
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
             "machine": machine(), "wall_s": round(wall, 1), "config": cfg.to_dict(), "workers": args.workers,
             "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
             "students_per_train_task": {t.task_id: len(t.acc) for t in train},
+            "train_teacher_acc_range": [min(t.teacher_acc for t in train), max(t.teacher_acc for t in train)],
             "best_episode": out["best_episode"], "val_spearman": ev["tasks"],
             "mean_val_spearman": ev["mean_spearman"], "metadataset": str(args.metadataset)}
     save_predictor(args.output, model, space, meta)

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             runs.append(r)
             print(f"lr {r['lr']:g} wd {r['weight_decay']:g}: val Spearman {r['val_spearman']:.3f} "
                   f"(no adapt {r['val_spearman_no_adapt']:.3f}), best episode {r['best_episode']}", file=sys.stderr)
-    best = max(runs, key=lambda r: r["val_spearman"])
+    best = max(runs, key=lambda r: r["val_spearman"] if r["val_spearman"] == r["val_spearman"] else -float("inf"))
     out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "val_spearman", "best_episode")}}
     if args.output:
         from dass_ray.metadataset import code_version, machine

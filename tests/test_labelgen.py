@@ -1,5 +1,6 @@
 """Label generation and meta-training on a real local Ray (tiny config, bundled data)."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,28 @@ def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_
     assert resumed["episodes"] == 4
     for k in one["last"]:
         torch.testing.assert_close(one["last"][k], resumed["last"][k], rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_sweep_uses_meta_validation_only(built, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out, _, _ = built
+    res = tmp_path / "sweep.json"
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "sweep_meta.py")
+    p = subprocess.run([sys.executable, script, "--metadataset", str(out), "--scale", "tiny",
+                        "--episodes", "2", "--lr", "1e-3,2e-3", "--weight-decay", "0", "--jobs", "2",
+                        "--output", str(res)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [r["lr"] for r in last["runs"]] == [1e-3, 2e-3]
+    assert all(set(r["per_task"]) == {t.task_id for t in load_meta_tasks(out, ("val",))} for r in last["runs"])
+    finite = [r["val_spearman"] for r in last["runs"] if r["val_spearman"] == r["val_spearman"]]
+    assert last["best"]["lr"] in (1e-3, 2e-3)
+    if finite:
+        assert last["best"]["val_spearman"] == max(finite)
+    assert json.loads(res.read_text())["manifest"]["command"].startswith("python ")
+    bad = subprocess.run([sys.executable, script, "--metadataset", str(out), "--lr", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--lr > 0" in bad.stderr

@@ -225,3 +225,15 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert any("resumed: candidates already scored" in e["message"] for e in new)
     assert sum(1 for e in new if e["stage"] == "kd" and "measured" in e["message"]) == 1
     assert len(pq.read_table(out / "trials.parquet")) == 2 and (out / "result.json").exists()
+
+
+def test_teacher_outside_the_meta_training_range_is_warned_about():
+    from dass_ray.search import teacher_range_warning
+
+    meta = {"train_teacher_acc_range": [0.57, 0.98]}
+    assert teacher_range_warning(0.75, meta) is None
+    assert teacher_range_warning(0.57, meta) is None and teacher_range_warning(0.98, meta) is None
+    w = teacher_range_warning(0.16, meta)
+    assert w is not None and "0.160" in w and "0.57-0.98" in w and "--readapt" in w
+    assert teacher_range_warning(0.99, meta) is not None
+    assert teacher_range_warning(0.16, {}) is None  # an older checkpoint without the range: nothing to compare
