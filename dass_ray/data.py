@@ -732,22 +732,30 @@ def make_class_subset_tasks(
     seed: int,
     disjoint: bool = False,
     prefix: str,
+    class_pool: Sequence[int] | None = None,
 ) -> list[TaskSpec]:
     """Deterministic class-subset tasks (only `np.random.default_rng` seeded from `seed`). Task i depends only on
     (seed, i) and, for non-disjoint tasks, on the class sets of tasks < i, so a shorter list is a prefix of a longer.
-    Per class, `train_per_class` + `val_per_class` distinct rows are drawn; train and val never overlap."""
-    C = dataset.num_classes
+    Per class, `train_per_class` + `val_per_class` distinct rows are drawn; train and val never overlap.
+    `class_pool`: the source classes tasks may use (default all), e.g. to keep validation classes disjoint from
+    training classes."""
+    pool = np.arange(dataset.num_classes) if class_pool is None else np.asarray(sorted(set(class_pool)))
+    if class_pool is not None and (pool.size == 0 or pool.min() < 0 or pool.max() >= dataset.num_classes):
+        raise DatasetError(f"{dataset.source}: class_pool must be class ids in 0..{dataset.num_classes - 1}, "
+                           f"got {list(class_pool)}")
+    C = int(pool.size)
     for name, v, lo in (("num_tasks", num_tasks, 1), ("classes_per_task", classes_per_task, 1),
                         ("train_per_class", train_per_class, 1), ("val_per_class", val_per_class, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise DatasetError(f"{dataset.source}: {name} must be an integer >= {lo}, got {v!r}")
     if classes_per_task > C:
-        raise DatasetError(f"{dataset.source}: classes_per_task={classes_per_task} but the dataset has {C} classes")
+        where = "the dataset" if class_pool is None else "the class pool"
+        raise DatasetError(f"{dataset.source}: classes_per_task={classes_per_task} but {where} has {C} classes")
     if disjoint and num_tasks * classes_per_task > C:
         raise DatasetError(f"{dataset.source}: {num_tasks} disjoint tasks of {classes_per_task} classes need "
                            f"{num_tasks * classes_per_task} classes, the dataset has {C}")
     need = train_per_class + val_per_class
-    rows_by_class = [np.flatnonzero(dataset.labels == c) for c in range(C)]
+    rows_by_class = {int(c): np.flatnonzero(dataset.labels == c) for c in pool}
 
     perm = np.random.default_rng([int(seed), 0]).permutation(C) if disjoint else None
     max_sets = _n_choose_k(C, classes_per_task)
@@ -756,10 +764,10 @@ def make_class_subset_tasks(
     for t in range(num_tasks):
         rng = np.random.default_rng([int(seed), 1, t])
         if disjoint:
-            classes = tuple(sorted(int(c) for c in perm[t * classes_per_task: (t + 1) * classes_per_task]))
+            classes = tuple(sorted(int(pool[c]) for c in perm[t * classes_per_task: (t + 1) * classes_per_task]))
         else:
             while True:  # avoid repeating a class set while unseen ones remain
-                classes = tuple(sorted(int(c) for c in rng.choice(C, size=classes_per_task, replace=False)))
+                classes = tuple(sorted(int(pool[c]) for c in rng.choice(C, size=classes_per_task, replace=False)))
                 if classes not in seen or len(seen) >= max_sets:
                     break
             seen.add(classes)

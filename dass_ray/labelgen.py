@@ -128,15 +128,25 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     store.init(plan)
     tasks_file = store.root / "tasks.json"
     roles_file = store.root / "roles.json"
-    if tasks_file.exists():
-        tasks = load_tasks(tasks_file)
-        roles = json.loads(roles_file.read_text())
-    else:
-        pairs = make_tasks(groups, scale, data_root)
-        tasks = [t for t, _ in pairs]
-        roles = {t.task_id: r for t, r in pairs}
-        save_tasks(tasks_file, tasks)
-        roles_file.write_text(json.dumps(roles, indent=1))
+    pairs = make_tasks(groups, scale, data_root)
+    tasks = [t for t, _ in pairs]
+    group_of = {t.task_id: g for t, g in pairs}
+    roles = {t.task_id: g.role for t, g in pairs}
+    if tasks_file.exists():  # a resume, or a plan that extends this directory's: every recorded task must stay
+        new = {t.task_id: t for t in tasks}
+        for t in load_tasks(tasks_file):
+            if t.task_id not in new:
+                raise ValueError(f"{store.root}: the plan drops task {t.task_id!r} recorded here; a plan may only "
+                                 f"add tasks (use a new --output for another plan)")
+            if new[t.task_id].to_dict() != t.to_dict():
+                raise ValueError(f"{store.root}: the plan changes the images of task {t.task_id!r} recorded here "
+                                 f"(its classes, sizes or seed); use a new --output for another plan")
+    save_tasks(tasks_file, tasks)
+    roles_file.write_text(json.dumps(roles, indent=1))
+    for row in store.task_rows().to_pylist():  # a plan may move a recorded task to another role
+        if row["task_id"] in roles and row["role"] != roles[row["task_id"]]:
+            log(f"[plan] {row['task_id']}: role {row['role']} -> {roles[row['task_id']]}")
+            store.put_task({**row, "role": roles[row["task_id"]]})
     cache: dict = {}
     space0 = get_space(scale.space)
     probe = noise_input(space0, 0)
@@ -150,13 +160,13 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     done = store.done_keys()
     jobs, per_task = [], {}
     for task in tasks:
-        n = scale.students_per_test_task if roles[task.task_id] == "test" else scale.students_per_task
-        per_task[task.task_id] = student_plan(task, spaces[task.task_id], n, seed)
+        per_task[task.task_id] = student_plan(task, spaces[task.task_id], group_of[task.task_id].num_students(scale),
+                                              seed)
     # streams: each task's students, and each test task's noise-ceiling replicates (second seed); taken
     # round-robin so that a partial build has every task (and the noise ceiling) at a similar count
     streams = [[(t.task_id, a, seed, 0) for a in per_task[t.task_id]] for t in tasks]
-    streams += [[(t.task_id, a, seed + 1, 1) for a in per_task[t.task_id][:scale.noise_ceiling_students]]
-                for t in tasks if roles[t.task_id] == "test"]
+    streams += [[(t.task_id, a, seed + 1, 1) for a in per_task[t.task_id][:group_of[t.task_id].num_second_seed(scale)]]
+                for t in tasks if group_of[t.task_id].num_second_seed(scale)]
     for j in range(max(len(s) for s in streams)):
         jobs.extend(s[j] for s in streams if j < len(s))
     todo = [j for j in jobs if run_key(j[0], j[1].digest(), j[2]) not in done]
@@ -182,9 +192,10 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
         def submit_teacher() -> None:
             i, task = queue.pop(0)
             data = task_data(task, space0.image_size, data_root, cache)
-            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({scale.teacher.epochs} epochs, "
+            tscale = group_of[task.task_id].teacher_scale(scale)
+            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({tscale.teacher.epochs} epochs, "
                 f"{len(data.y_train)} images) with Ray Train")
-            inflight[_teacher_remote.remote(task, data, scale, storage, seed, teacher_cpus)] = (i, task, data)
+            inflight[_teacher_remote.remote(task, data, tscale, storage, seed, teacher_cpus)] = (i, task, data)
 
         while queue and len(inflight) < par:
             submit_teacher()
@@ -194,6 +205,9 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
             sd, summ, wall = ray.get(ref)  # a failed teacher stops the build: its task would have no labels
             acc = _save_trained_teacher(store.teacher_path(task.task_id), task, data, scale, sd, summ, wall)
             log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: val acc {acc:.3f} ({wall:.0f}s)")
+            warning = near_chance_warning(acc, data.num_classes)
+            if warning:
+                log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: warning: {warning}")
             if queue:
                 submit_teacher()
         timings["teachers_s"] += time.perf_counter() - t_phase
@@ -262,6 +276,16 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     prog.close()
     timings["students_s"] = time.perf_counter() - t0
     return _write_manifest(store, command, timings, time.time() - t_start, len(todo), failed)
+
+
+def near_chance_warning(acc: float, num_classes: int) -> str | None:
+    """A line for a teacher that has gone less than a quarter of the way from chance to perfect, else None: its
+    soft labels carry little beyond the hard labels, so its students' KD accuracies say little about distillation."""
+    chance = 1.0 / num_classes
+    if acc < chance + 0.25 * (1.0 - chance):
+        return (f"the teacher's validation accuracy {acc:.3f} is near chance ({chance:.3f} for {num_classes} "
+                f"classes); its students are labelled anyway")
+    return None
 
 
 def run_student_failed(ctx: TaskContext, arch, seed: int, rep: int, reason: str) -> dict:

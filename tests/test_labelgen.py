@@ -36,11 +36,24 @@ def built(ray_local, tmp_path_factory):
 
 def test_teachers_train_concurrently_up_to_the_cpus(built):
     # 4 tasks, 2 CPUs, 1 CPU per teacher: two Ray Train runs in flight at once, the next starting as one ends
-    log = [m for m in built[2]["log"] if m.startswith("[teacher ")]
+    log = [m for m in built[2]["log"] if m.startswith("[teacher ") and "warning:" not in m]
     kinds = ["start" if "training" in m else "done" for m in log]
     assert kinds.count("start") == kinds.count("done") == 4, log
     assert kinds[:3] == ["start", "start", "done"], log
     assert kinds[3] == "start", log  # a freed slot is refilled before waiting again
+
+
+def test_near_chance_teacher_is_labelled_with_a_warning(built):
+    from dass_ray.labelgen import near_chance_warning
+
+    accs = {m.split()[2].rstrip(":"): float(m.split("val acc ")[1].split()[0])
+            for m in built[2]["log"] if "val acc" in m}
+    warned = {m.split()[2].rstrip(":") for m in built[2]["log"] if m.startswith("[teacher ") and "warning:" in m}
+    assert accs, built[2]["log"]
+    # tiny teachers: 3 classes, 1 epoch on 60 images -> at or near chance; exactly those under 0.5 are warned
+    assert warned == {t for t, a in accs.items() if a < 0.5}, (accs, warned)
+    assert near_chance_warning(0.0875, 40) and "near chance (0.025 for 40 classes)" in near_chance_warning(0.0875, 40)
+    assert near_chance_warning(0.9, 10) is None
 
 
 def test_partial_build_then_resume_records_everything_once(built):
