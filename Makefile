@@ -31,11 +31,12 @@ run: install
 	rm -rf runs/demo
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python scripts/search.py --output runs/demo --candidates 2000 --top-k 5
 
+# The fault handler is on: a native crash prints every thread's Python stack (tests/conftest.py explains the exit).
 test: install
-	$(BIN)/python -m pytest -q
+	PYTHONFAULTHANDLER=1 $(BIN)/python -X faulthandler -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	PYTHONFAULTHANDLER=1 $(BIN)/python -X faulthandler -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py

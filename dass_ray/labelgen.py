@@ -125,7 +125,6 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     t_start = time.time()
     store = MetaDatasetStore(output)
     plan = {"scale": scale.to_dict(), "groups": [g.to_dict() for g in groups], "seed": seed}
-    store.init(plan)
     tasks_file = store.root / "tasks.json"
     roles_file = store.root / "roles.json"
     pairs = make_tasks(groups, scale, data_root)
@@ -141,6 +140,7 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
             if new[t.task_id].to_dict() != t.to_dict():
                 raise ValueError(f"{store.root}: the plan changes the images of task {t.task_id!r} recorded here "
                                  f"(its classes, sizes or seed); use a new --output for another plan")
+    store.init(plan)  # checked before anything is written: a refused plan leaves the directory as it was
     save_tasks(tasks_file, tasks)
     roles_file.write_text(json.dumps(roles, indent=1))
     for row in store.task_rows().to_pylist():  # a plan may move a recorded task to another role

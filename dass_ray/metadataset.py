@@ -236,7 +236,7 @@ def group_from_dict(d: object, where: str) -> TaskGroup:
     kw.setdefault("split", None)
     for k, lo in _INT_FIELDS.items():
         v = kw.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+        if (v is not None or k in _REQUIRED) and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise ValueError(f"{where}: field {k!r}: expected an integer >= {lo}{'' if k in _REQUIRED else ' or null'}"
                              f", got {v!r}")
     for k in _STR_FIELDS:

@@ -91,6 +91,45 @@ def test_partial_build_then_resume_records_everything_once(built):
         aside.rename(store.teachers)
 
 
+def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path):
+    import dataclasses
+    import json
+
+    from dass_ray.labelgen import build
+    from dass_ray.metadataset import load_plan
+
+    _, scale, _ = built
+    test_group = {"role": "test", "source": "omniglot_small", "path": "omniglot_small.parquet", "num_tasks": 1,
+                  "seed": 3, "classes_per_task": 3, "train_per_class": 10, "val_per_class": 5, "students": 2,
+                  "second_seed": 2, "teacher_epochs": 1}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"groups": [test_group]}))
+    out = tmp_path / "md"
+    man = build(out, scale, load_plan(str(plan)), log=lambda m: None)
+    assert man["students"] == 4  # 2 students + both again with a second seed (not the scale's 3 and 2)
+    (tid,) = man["tasks"]
+    assert man["tasks"][tid] == {"role": "test", "source": "omniglot_small", "teacher_acc": man["tasks"][tid]["teacher_acc"],
+                                 "ok": 2, "failed": 0, "replicates": 2}
+    before = MetaDatasetStore(out).students().to_pylist()
+    # a plan that moves the task to validation (same ids) and adds a training group: only the new task runs
+    moved = dataclasses.replace(load_plan(str(plan))[0], role="val", id_prefix="test-omniglot_small-s3")
+    extra = load_plan(str(plan))[0].__class__("train", "mnist5k", "mnist5k.parquet", None, 1, seed=8, students=2)
+    man2 = build(out, scale, [moved, extra], log=lambda m: None)
+    assert man2["sessions"][-1]["runs"] == 2 and man2["students"] == 6
+    assert man2["tasks"][tid]["role"] == "val" and len(man2["tasks"]) == 2
+    after = {(r["task_id"], r["arch_digest"], r["seed"]): r["best_acc"] for r in MetaDatasetStore(out).students().to_pylist()}
+    assert all(after[(r["task_id"], r["arch_digest"], r["seed"])] == r["best_acc"] for r in before)  # rows kept
+    assert [t.task_id for t in load_meta_tasks(out, ("val",))] == [tid]
+    # a plan that changes a recorded task's images is refused, and nothing recorded changes
+    files = {f: (out / f).read_text() for f in ("plan.json", "tasks.json", "roles.json")}
+    with pytest.raises(ValueError, match="changes the images of task"):
+        build(out, scale, [dataclasses.replace(moved, train_per_class=9), extra], log=lambda m: None)
+    with pytest.raises(ValueError, match="drops task"):
+        build(out, scale, [extra], log=lambda m: None)
+    assert len(MetaDatasetStore(out).students()) == 6
+    assert {f: (out / f).read_text() for f in files} == files
+
+
 def test_a_diverging_student_is_a_failed_row_not_a_crash(built):
     from dass_ray.labelgen import build  # noqa: F401  (same module-scoped Ray)
     from dass_ray.kd import SoftLabels, load_teacher
