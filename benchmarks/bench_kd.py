@@ -1,7 +1,13 @@
 #!/usr/bin/env python
 """KD throughput: the same students on the same data, with cached teacher logits vs the teacher in the loop.
 
-Last line: one JSON object with cached_img_per_s, naive_img_per_s, speedup and the setup.
+Also the KD step's achieved compute rate on the cached path: each training image costs ~3x the student's forward
+FLOPs (forward + backward for activations and weights) and each validation image once per epoch, counted from the
+space's analytic forward FLOPs (2 x MAC); `kd_ratio` = that rate / the dense fp32 matmul peak measured in the same
+process (best of a few 2048^3 matmuls, before and after the timed passes).
+
+Last line: one JSON object with cached_img_per_s, naive_img_per_s, speedup, kd_achieved_gflops,
+matmul_peak_gflops, kd_ratio and the setup.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from dass_ray.data import bundled_path, load_dataset, load_task_data, make_class
 from dass_ray.kd import TensorData, compute_soft_labels, train_kd
 from dass_ray.nets import build
 from dass_ray.space import get_space
+
+from bench_scoring import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main(argv=None) -> int:
@@ -40,6 +48,7 @@ def main(argv=None) -> int:
     cfg = get_scale("cpu").kd.__class__(**{**get_scale("cpu").kd.to_dict(), "epochs": args.epochs})
     archs = space.sample_many(np.random.default_rng(args.seed), args.students)
     n_img = len(data.y_train) * args.epochs * len(archs)
+    peak = matmul_peak_gflops()
     t0 = time.perf_counter()
     soft = compute_soft_labels(teacher, data.x_train, views=2 if cfg.flip else 1)
     t_soft = time.perf_counter() - t0
@@ -53,11 +62,16 @@ def main(argv=None) -> int:
                 r = train_kd(a, space, sd, data, cfg, seed=args.seed, teacher=teacher)
             assert r.ok, r.reason
         timings[mode] = time.perf_counter() - t0
+    peak = max(peak, matmul_peak_gflops())
     cached_total = timings["cached"] + t_soft  # the one-off teacher pass is charged to the cached path
+    kd_flops = sum(args.epochs * (3 * len(data.y_train) + len(data.y_val)) * space.flops(a) for a in archs)
     out = {
         "cached_img_per_s": round(n_img / cached_total, 1),
         "naive_img_per_s": round(n_img / timings["naive"], 1),
         "speedup": round(timings["naive"] / cached_total, 3),
+        "kd_achieved_gflops": round(kd_flops / timings["cached"] / 1e9, 2),
+        "matmul_peak_gflops": round(peak, 1),
+        "kd_ratio": round(kd_flops / timings["cached"] / 1e9 / peak, 4),
         "soft_label_s": round(t_soft, 3), "students": len(archs), "images_per_student": len(data.y_train) * args.epochs,
         "threads": args.threads, "teacher_mflops": round(space.flops(space.teacher()) / 1e6, 1),
         "mean_student_mflops": round(float(np.mean([space.flops(a) for a in archs])) / 1e6, 1),

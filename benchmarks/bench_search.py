@@ -2,13 +2,16 @@
 """Search efficiency on meta-test pools with known KD labels: how many KD trials each strategy needs before it has
 found a student within 0.5 accuracy points of the pool's best.
 
-Strategies: DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
+Strategies: `default`, exactly what scripts/search.py does with default options (its SearchConfig defaults: the
+predicted order of the shipped predictor after its gated teacher-guided step, or re-adaptation if that were the
+default); DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
 plus the students measured so far and re-rank the rest); random order (mean over 200 permutations); Optuna TPE
 through Ray Tune (per-stage depth and width-multiplier parameters, mapped to the nearest pool member by encoding,
 never proposing a pool member twice). A "trial" looks up the pool's recorded KD accuracy.
 
     python benchmarks/bench_search.py --metadataset artifacts/metadataset --predictor dass_ray/assets/predictor/cpu.pt
-Last line: one JSON object {"trials_to_within_0_5pt": {strategy: {task: n, "mean": m}}, ...}.
+Labels: the mean of two KD seeds where every student of a task has both (--label). Last line: one JSON object
+{"trials_to_within_0_5pt": {strategy: {task: n, "mean": m}}, ...}.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--roles", default="test")
     ap.add_argument("--scale", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label", default="mean", choices=["mean", "first"])
     args = ap.parse_args(argv)
     from dass_ray.config import get_scale
     from dass_ray.metadataset import load_meta_tasks
@@ -102,27 +107,38 @@ def main(argv=None) -> int:
 
     space = get_space(get_scale(args.scale).space)
     try:
-        tasks = load_meta_tasks(args.metadataset, tuple(args.roles.split(",")))
+        tasks = load_meta_tasks(args.metadataset, tuple(args.roles.split(",")), label=args.label)
         model, _ = load_predictor(args.predictor, space)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from dass_ray.search import SearchConfig
+
+    defaults = SearchConfig()
+    if Path(defaults.predictor).resolve() != Path(args.predictor).resolve():
+        print(f"note: 'default' uses --predictor {args.predictor}, not the search's default predictor "
+              f"{defaults.predictor}", file=sys.stderr)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(None, 2)
-    out: dict = {"dass": {}, "dass_readapt": {}, "random": {}, "optuna_tpe": {}}
+    out: dict = {"default": {}, "dass": {}, "dass_readapt": {}, "random": {}, "optuna_tpe": {}}
     for t in tasks:
         acc = t.acc.numpy()
         n = len(acc)
         out["dass"][t.task_id] = trials_needed(list(np.argsort(-predict_task(model, t), kind="mergesort")), acc)
         out["dass_readapt"][t.task_id] = trials_needed(readapt_order(model, t, n), acc)
+        out["default"][t.task_id] = out["dass_readapt" if defaults.readapt else "dass"][t.task_id]
         rng = np.random.default_rng(args.seed)
         out["random"][t.task_id] = float(np.mean([trials_needed(list(rng.permutation(n)), acc) for _ in range(200)]))
         out["optuna_tpe"][t.task_id] = trials_needed(tpe_order(t, space, args.seed, n), acc)
         print(t.task_id, {k: v[t.task_id] for k, v in out.items()}, file=sys.stderr)
     for k in out:
         out[k]["mean"] = float(np.mean([v for kk, v in out[k].items()])) if out[k] else None
+    import ray
+
+    ray.shutdown()
     print(json.dumps({"trials_to_within_0_5pt": out, "pool_sizes": {t.task_id: len(t.acc) for t in tasks},
-                      "tolerance_pts": 0.5}))
+                      "label_seeds": {t.task_id: t.label_seeds for t in tasks}, "tolerance_pts": 0.5,
+                      "default_is": "dass_readapt" if defaults.readapt else "dass"}))
     return 0
 
 

@@ -60,12 +60,18 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class MetaSGD(nn.Module):
-    """A predictor plus learned per-parameter inner step sizes (initialised at `inner_lr`)."""
+    """A predictor plus learned per-parameter inner step sizes (initialised at `inner_lr`).
+
+    `teacher_acc_range` (set from the checkpoint: the accuracies of the meta-training teachers) gates the
+    teacher-guided step: a teacher outside that range is a support example unlike any the step was meta-learned
+    on, and one step on it can invert the ranking (Omniglot's 0.16 teacher did), so such a teacher is scored
+    without adaptation. Supports of more than the teacher (re-adaptation on measured students) are never gated."""
 
     def __init__(self, predictor: Predictor, inner_lr: float = 0.005, inner_steps: int = 1):
         super().__init__()
         self.predictor = predictor
         self.inner_steps = inner_steps
+        self.teacher_acc_range: tuple[float, float] | None = None
         self.step_sizes = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in predictor.named_parameters()}
         )
@@ -73,15 +79,32 @@ class MetaSGD(nn.Module):
     def steps(self) -> dict[str, torch.Tensor]:
         return {n: self.step_sizes[_key(n)] for n, _ in self.predictor.named_parameters()}
 
+    def gated(self, support: PredictorBatch) -> bool:
+        """True when `support` is a lone teacher whose accuracy lies outside `teacher_acc_range`."""
+        if self.teacher_acc_range is None or len(support) != 1 or support.target is None:
+            return False
+        lo, hi = self.teacher_acc_range
+        return not lo <= float(support.target[0]) <= hi
+
     def adapt(
         self,
         support: PredictorBatch,
         params: dict[str, torch.Tensor] | None = None,
         first_order: bool = False,
         loss_fn: Callable = mse,
+        gate: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Adapted parameters after `inner_steps` steps on `support` (the teacher alone by default)."""
+        """Adapted parameters after `inner_steps` steps on `support` (the teacher alone by default). When `gate`
+        and the teacher is outside `teacher_acc_range`: the unadapted parameters with only the output bias moved so
+        that the teacher's prediction equals its accuracy -- every score shifts by one constant, so the ranking is
+        exactly the unadapted predictor's, and the values stay on the accuracy scale."""
         params = params if params is not None else self.predictor.named_params()
+        if gate and self.gated(support):
+            with torch.no_grad():
+                shift = support.target[0] - self.predictor(support, params)[0]
+            out = dict(params)
+            out[self.predictor.output_bias_name] = params[self.predictor.output_bias_name] + shift
+            return out
         steps = self.steps()
         for _ in range(self.inner_steps):
             loss = loss_fn(self.predictor(support, params), support.target)
@@ -96,13 +119,14 @@ class MetaSGD(nn.Module):
         return mse(self.predictor(query, params), query.target)
 
     @torch.no_grad()
-    def predict(self, support: PredictorBatch | None, query: PredictorBatch, batch_size: int = 4096) -> torch.Tensor:
+    def predict(self, support: PredictorBatch | None, query: PredictorBatch, batch_size: int = 4096,
+                gate: bool = True) -> torch.Tensor:
         """Scores [N] for `query` after adapting on `support` (no adaptation when it is None)."""
         if support is None:
             params = None
         else:
             with torch.enable_grad():
-                params = {k: v.detach() for k, v in self.adapt(support, first_order=True).items()}
+                params = {k: v.detach() for k, v in self.adapt(support, first_order=True, gate=gate).items()}
         outs = [self.predictor(query.subset(slice(i, i + batch_size)), params)
                 for i in range(0, len(query), batch_size)]
         return torch.cat(outs) if outs else torch.zeros(0)

@@ -488,7 +488,11 @@ def _atomic_write(p: Path, text: str) -> None:
 
 @dataclass
 class MetaTask:
-    """One task's tensors for the predictor: teacher map/code/acc and its students (ok runs, replicate 0)."""
+    """One task's tensors for the predictor: teacher map/code/acc and its students (ok runs).
+
+    `acc` is the label: the seed-0 KD accuracy, or with `label="mean"` the mean over the two KD seeds when every
+    student of the task has both (`label_seeds` says which). `seed_pairs` [M, 2]: both seeds' accuracies of the M
+    students that have a second seed (the label-noise ceiling), None when there are none."""
 
     task_id: str
     role: str
@@ -502,24 +506,42 @@ class MetaTask:
     flops: np.ndarray
     params: np.ndarray
     archs: list[ArchConfig]
+    num_classes: int = 0
+    label_seeds: int = 1
+    seed_pairs: np.ndarray | None = None
 
 
-def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES) -> list[MetaTask]:
+LABELS = ("first", "mean")
+
+
+def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES, label: str = "first") -> list[MetaTask]:
+    """The tasks of `roles` with their ok students. `label`: "first" (the seed-0 accuracy, what meta-training
+    uses) or "mean" (the mean of the two KD seeds where every student has both: a more reliable label)."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     store = MetaDatasetStore(root)
     tasks = store.task_rows().to_pylist()
     if not tasks:
         raise ValueError(f"{root}: no tasks.parquet (is this a meta-dataset directory?)")
     st = store.students().to_pylist()
+    by_task: dict[str, list[dict]] = {}
+    for r in st:
+        if r["status"] == "ok":
+            by_task.setdefault(r["task_id"], []).append(r)
     out = []
     for tr in tasks:
         if tr["role"] not in roles:
             continue
         space = SpaceConfig.from_dict(json.loads(tr["space_json"]))
         shape = tuple(tr["embedding_shape"])
-        rows = [r for r in st if r["task_id"] == tr["task_id"] and r["status"] == "ok" and r["replicate"] == 0]
+        rows = [r for r in by_task.get(tr["task_id"], []) if r["replicate"] == 0]
         rows.sort(key=lambda r: r["arch_digest"])
         if not rows:
             continue
+        second = {r["arch_digest"]: r["best_acc"] for r in by_task.get(tr["task_id"], []) if r["replicate"] == 1}
+        both = all(r["arch_digest"] in second for r in rows)
+        pairs = np.array([[r["best_acc"], second[r["arch_digest"]]] for r in rows if r["arch_digest"] in second])
+        acc = pairs.mean(1) if (label == "mean" and both) else np.array([r["best_acc"] for r in rows])
 
         def emb(b: bytes) -> torch.Tensor:
             return torch.from_numpy(np.frombuffer(b, dtype=np.float16).astype(np.float32).reshape(shape))
@@ -530,9 +552,11 @@ def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES) -> list[Me
             teacher_code=torch.from_numpy(space.encode(space.teacher()).astype(np.float32)),
             maps=torch.stack([emb(r["embedding"]) for r in rows]),
             codes=torch.tensor([r["encoding"] for r in rows], dtype=torch.float32),
-            acc=torch.tensor([r["best_acc"] for r in rows], dtype=torch.float32),
+            acc=torch.tensor(acc, dtype=torch.float32),
             flops=np.array([r["flops"] for r in rows]), params=np.array([r["params"] for r in rows]),
             archs=[ArchConfig.from_json(r["arch_json"]) for r in rows],
+            num_classes=int(tr["num_classes"]), label_seeds=2 if (label == "mean" and both) else 1,
+            seed_pairs=pairs if len(pairs) else None,
         ))
     return out
 

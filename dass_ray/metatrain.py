@@ -55,9 +55,9 @@ def episode_loss_sum(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int],
 
 
 @torch.no_grad()
-def predict_task(model: MetaSGD, t: MetaTask, adapt: bool = True) -> np.ndarray:
+def predict_task(model: MetaSGD, t: MetaTask, adapt: bool = True, gate: bool = True) -> np.ndarray:
     s, q = task_batches(t)
-    return model.predict(s if adapt else None, q).numpy()
+    return model.predict(s if adapt else None, q, gate=gate).numpy()
 
 
 def evaluate(model: MetaSGD, tasks: list[MetaTask], adapt: bool = True) -> dict:
@@ -146,4 +146,7 @@ def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[
                              f"(encoding layout / feature channels differ from space {space.name!r})")
     model = MetaSGD(Predictor(cfg), inner_steps=int(blob.get("inner_steps", 1)))
     model.load_state_dict(blob["state_dict"])
+    rng = (blob.get("meta") or {}).get("train_teacher_acc_range")
+    if rng is not None:
+        model.teacher_acc_range = (float(rng[0]), float(rng[1]))
     return model.eval(), blob

@@ -101,6 +101,8 @@ class Predictor(nn.Module):
         # re-enters forward(batch) with the module's parameters swapped for `params` (nothing is mutated)
         return functional_call(self, params, (batch,), strict=True)
 
+    output_bias_name = "head.2.bias"  # the final Linear(hidden, 1)'s bias: adding c to it adds c to every output
+
     def named_params(self) -> dict[str, torch.Tensor]:
         return dict(self.named_parameters())
 

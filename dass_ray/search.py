@@ -195,13 +195,14 @@ def prepare(cfg: SearchConfig) -> Prepared:
 
 def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:
     """A warning when the teacher's accuracy lies outside the range of the predictor's meta-training teachers:
-    the one-step adaptation on such a teacher leaves the regime the predictor was meta-trained in, and its ranking
-    is less reliable there (README, evaluation: the 16%-accuracy Omniglot teacher)."""
+    the teacher-guided adaptation step is then skipped (`MetaSGD.gated`: one step on such a teacher inverted the
+    ranking of the 16%-accuracy Omniglot teacher), and the ranking is the unadapted predictor's."""
     rng = predictor_meta.get("train_teacher_acc_range")
     if not rng or rng[0] <= teacher_acc <= rng[1]:
         return None
     return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
-            f"({rng[0]:.2f}-{rng[1]:.2f}); its ranking is less reliable here: consider --readapt or a larger --top-k")
+            f"({rng[0]:.2f}-{rng[1]:.2f}): ranking without the teacher-guided adaptation step; --readapt adapts on "
+            f"the measured students instead")
 
 
 # ----------------------------------------------------------------------------------------------------------------

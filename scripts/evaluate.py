@@ -4,11 +4,17 @@
 Methods: DaSS (teacher-guided adaptation), DaSS without the adaptation step, an architecture-only meta-predictor
 trained on the same meta-dataset (no functional embeddings: the non-distillation-aware baseline), FLOPs, parameter
 count, SynFlow and NASWOT computed on the remapped students, and random order (mean over 200 draws).
-Metrics per task: Spearman, Kendall tau-b, top-1 / top-5 regret (accuracy points lost vs the best student of the pool).
+Metrics per task: Spearman (with a 95% bootstrap interval over students), Kendall tau-b, top-1 / top-5 regret
+(accuracy points lost vs the best student of the pool), and for the predictors the mean absolute error between
+predicted and measured accuracy. The mean over tasks has a bootstrap interval over tasks and students, and the
+difference of every method from DaSS (the search's default) has one too. Labels: the mean of the two KD seeds
+where every student of a task has both (--label mean), and each task's label-noise ceiling for the labels used.
 
     python scripts/evaluate.py --metadataset artifacts/metadataset --predictor dass_ray/assets/predictor/cpu.pt \
         --output artifacts/eval
-Last printed line: one JSON object {"tasks": ..., "mean_spearman": ..., "noise_ceiling": ...}.
+Last printed line: one JSON object {"tasks": ..., "mean_spearman": ..., "mean_spearman_ci": ...,
+"noise_ceiling": ...}. A meta-dataset with no meta-training tasks (your own test tasks only) is evaluated without
+the architecture-only baseline unless --arch-only names a checkpoint.
 """
 from __future__ import annotations
 
@@ -21,28 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def ranking_metrics(scores: np.ndarray, acc: np.ndarray) -> dict:
-    from dass_ray.meta import kendall, spearman
-
-    order = np.argsort(-scores, kind="mergesort")
-    best = acc.max()
-    return {"spearman": spearman(scores, acc), "kendall": kendall(scores, acc),
-            "top1_regret": float(100 * (best - acc[order[0]])), "top5_regret": float(100 * (best - acc[order[:5]].max()))}
-
-
-def noise_ceiling(root, task_id: str) -> float | None:
-    from dass_ray.meta import spearman
-    from dass_ray.metadataset import MetaDatasetStore
-
-    rows = [r for r in MetaDatasetStore(root).students().to_pylist() if r["task_id"] == task_id and r["status"] == "ok"]
-    a = {r["arch_digest"]: r["best_acc"] for r in rows if r["replicate"] == 0}
-    b = {r["arch_digest"]: r["best_acc"] for r in rows if r["replicate"] == 1}
-    common = sorted(set(a) & set(b))
-    if len(common) < 3:
-        return None
-    return {"spearman": spearman([a[k] for k in common], [b[k] for k in common]), "students": len(common)}
 
 
 def _finite(x):
@@ -65,6 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="cpu")
     ap.add_argument("--roles", default="test", help="comma-separated task roles to evaluate")
     ap.add_argument("--proxy-batch", type=int, default=64, help="images for NASWOT")
+    ap.add_argument("--label", default="mean", choices=["mean", "first"],
+                    help="task label: the mean of the two KD seeds where every student has both (default), or the "
+                         "first seed's accuracy")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     args = ap.parse_args(argv)
     t_start = time.time()
 
@@ -72,8 +60,9 @@ def main(argv=None) -> int:
     from dass_ray.data import load_tasks
     from dass_ray.kd import init_student, load_teacher
     from dass_ray.metadataset import MetaDatasetStore, load_meta_tasks, task_data
-    from dass_ray.metatrain import MetaTrainConfig, load_predictor, predict_task, train_local
+    from dass_ray.metatrain import MetaTrainConfig, load_predictor, predict_task, task_batches, train_local
     from dass_ray.proxies import score_all
+    from dass_ray.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
     from dass_ray.space import get_space
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -81,34 +70,44 @@ def main(argv=None) -> int:
     space = get_space(scale.space)
     root = Path(args.metadataset)
     try:
-        tasks = load_meta_tasks(root, tuple(args.roles.split(",")))
+        tasks = load_meta_tasks(root, tuple(args.roles.split(",")), label=args.label)
         dass, dass_blob = load_predictor(args.predictor, space)
+        arch_only = load_predictor(args.arch_only, space)[0] if args.arch_only else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not tasks:
         print(f"error: {root}: no finished students for roles {args.roles}", file=sys.stderr)
         return 2
-    if args.arch_only:
-        arch_only, _ = load_predictor(args.arch_only, space)
-    else:
-        # the same schedule as the DaSS predictor's (its manifest), else the scale's
-        sched = (dass_blob.get("meta") or {}).get("config") or {}
-        cfg = MetaTrainConfig(episodes=int(sched.get("episodes", scale.meta_episodes)),
-                              lr=float(sched.get("lr", scale.meta_lr)),
-                              query_size=int(sched.get("query_size", scale.meta_query_size)),
-                              eval_every=int(sched.get("eval_every", scale.meta_eval_every)),
-                              seed=int(sched.get("seed", 0)), weight_decay=float(sched.get("weight_decay", 0.0)),
-                              use_functional=False, adapt=False)
-        arch_only, _ = train_local(space, load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",)), cfg)
+    cfg = None
+    if arch_only is None:
+        train_tasks, val_tasks = load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",))
+        if not train_tasks:
+            print(f"note: {root} has no meta-training tasks: the architecture-only baseline is skipped (pass "
+                  f"--arch-only CHECKPOINT to include one)", file=sys.stderr)
+        else:
+            # the same schedule as the DaSS predictor's (its manifest), else the scale's
+            sched = (dass_blob.get("meta") or {}).get("config") or {}
+            cfg = MetaTrainConfig(episodes=int(sched.get("episodes", scale.meta_episodes)),
+                                  lr=float(sched.get("lr", scale.meta_lr)),
+                                  query_size=int(sched.get("query_size", scale.meta_query_size)),
+                                  eval_every=int(sched.get("eval_every", scale.meta_eval_every)),
+                                  seed=int(sched.get("seed", 0)), weight_decay=float(sched.get("weight_decay", 0.0)),
+                                  use_functional=False, adapt=False)
+            arch_only, _ = train_local(space, train_tasks, val_tasks, cfg)
     specs = {t.task_id: t for t in load_tasks(root / "tasks.json")}
     store = MetaDatasetStore(root)
-    results, ceilings = {}, {}
-    for t in tasks:
+    results, ceilings, scored, mae, meta = {}, {}, [], {}, {}
+    for k, t in enumerate(tasks):
         acc = t.acc.numpy()
-        s = {"dass": predict_task(dass, t, adapt=True), "dass_no_adapt": predict_task(dass, t, adapt=False),
-             "arch_only": predict_task(arch_only, t, adapt=False),
-             "flops": t.flops.astype(float), "params": t.params.astype(float)}
+        # dass: what the search does by default (teacher-guided step, skipped for a teacher outside the
+        # meta-training teachers' accuracy range); dass_ungated: the step always taken; dass_no_adapt: never
+        s = {"dass": predict_task(dass, t, adapt=True), "dass_ungated": predict_task(dass, t, adapt=True, gate=False),
+             "dass_no_adapt": predict_task(dass, t, adapt=False)}
+        mae[t.task_id] = {m: float(100 * np.mean(np.abs(v - acc))) for m, v in s.items()}
+        if arch_only is not None:
+            s["arch_only"] = predict_task(arch_only, t, adapt=False)
+        s.update({"flops": t.flops.astype(float), "params": t.params.astype(float)})
         ck = load_teacher(store.teacher_path(t.task_id)) if store.teacher_path(t.task_id).exists() else None
         if ck is not None:
             data = task_data(specs[t.task_id], space.image_size, args.data_root)
@@ -116,49 +115,35 @@ def main(argv=None) -> int:
             models = [init_student(a, ck.space, ck.state_dict, ck.arch) for a in t.archs]
             s.update(score_all(models, x, space.image_size))
         per = {m: ranking_metrics(v, acc) for m, v in s.items()}
+        for m, ci in bootstrap_task(s, acc, args.bootstrap, seed=k).items():
+            per[m]["spearman_ci"] = ci
         rng = np.random.default_rng(0)
         draws = [ranking_metrics(rng.permutation(len(acc)).astype(float), acc) for _ in range(200)]
-        per["random"] = {k: float(np.nanmean([d[k] for d in draws])) for k in draws[0]}
+        per["random"] = {k2: float(np.nanmean([d[k2] for d in draws])) for k2 in draws[0]}
         results[t.task_id] = per
-        ceilings[t.task_id] = noise_ceiling(root, t.task_id)
+        scored.append((s, acc))
+        ceilings[t.task_id] = label_ceiling(t.seed_pairs, t.label_seeds, args.bootstrap)
+        meta[t.task_id] = {"source": t.source, "classes": t.num_classes, "students": len(acc),
+                           "teacher_acc": round(float(t.teacher_acc), 4), "label_seeds": t.label_seeds,
+                           "adaptation_gated": bool(dass.gated(task_batches(t)[0]))}
         print(f"{t.task_id}: " + ", ".join(f"{m} {v['spearman']:.3f}" for m, v in per.items()), file=sys.stderr)
     methods = list(next(iter(results.values())))
     mean = {m: float(np.nanmean([results[t][m]["spearman"] for t in results if m in results[t]])) for m in methods}
+    common = [m for m in methods if m != "random" and all(m in sc for sc, _ in scored)]
+    boot = bootstrap_mean([({m: sc[m] for m in common}, a) for sc, a in scored], reference="dass",
+                          n_boot=args.bootstrap)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| task | method | Spearman | Kendall | top-1 regret (pts) | top-5 regret (pts) |", "|---|---|---|---|---|---|"]
-    for tid, per in results.items():
-        for m, v in per.items():
-            lines.append(f"| {tid} | {m} | {v['spearman']:.3f} | {v['kendall']:.3f} | {v['top1_regret']:.2f} | "
-                         f"{v['top5_regret']:.2f} |")
-    lines += ["", "| method | mean Spearman |", "|---|---|"] + [f"| {m} | {v:.3f} |" for m, v in mean.items()]
-    lines += ["", "Noise ceiling (Spearman between two KD seeds of the same students):", ""]
-    lines += [f"- {k}: {('%.3f over %d students' % (v['spearman'], v['students'])) if v else 'n/a'}"
-              for k, v in ceilings.items()]
-    (out / "eval.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(9, 4))
-        w = 0.8 / max(1, len(results))
-        for i, (tid, per) in enumerate(results.items()):
-            ax.bar(np.arange(len(methods)) + i * w, [per[m]["spearman"] for m in methods], w, label=tid)
-        for i, (tid, c) in enumerate(ceilings.items()):
-            if c:
-                ax.axhline(c["spearman"], ls="--", lw=1, color=f"C{i}")
-        ax.set_xticks(np.arange(len(methods)) + 0.4 - w / 2, methods, rotation=30)
-        ax.set_ylabel("Spearman vs measured KD accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "eval.png", dpi=110)
-    except Exception as e:  # the table and JSON are the result; a plot failure is reported, not fatal
-        print(f"warning: plot failed: {e}", file=sys.stderr)
-    summary = {"tasks": {t: {m: {k: v[k] for k in ("spearman", "kendall", "top1_regret", "top5_regret")}
-                             for m, v in per.items()} for t, per in results.items()},
-               "mean_spearman": mean, "noise_ceiling": {k: (v["spearman"] if v else None) for k, v in ceilings.items()}}
+    (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label))
+    _plot(out / "eval.png", results, ceilings, mean, boot, methods)
+    summary = {"default_method": "dass", "label": args.label,
+               "tasks": {t: {m: {k: v[k] for k in ("spearman", "spearman_ci", "kendall", "top1_regret", "top5_regret")
+                                 if k in v} for m, v in per.items()} for t, per in results.items()},
+               "task_info": meta, "mean_spearman": mean, "mean_spearman_ci": boot["mean"],
+               "diff_vs_dass_ci": boot["diff_vs_dass"], "mae_points": mae,
+               "noise_ceiling": {k: (v["ceiling"] if v else None) for k, v in ceilings.items()},
+               "noise_ceiling_detail": ceilings,
+               "sources": sorted({v["source"] for v in meta.values()})}
     summary = _finite(summary)
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     from dass_ray.fileutil import sha256_file
@@ -168,11 +153,75 @@ def main(argv=None) -> int:
                 "machine": machine(), "wall_s": round(time.time() - t_start, 1),
                 "predictor": {"path": args.predictor, "sha256": sha256_file(args.predictor)},
                 "arch_only": ({"path": args.arch_only, "sha256": sha256_file(args.arch_only)} if args.arch_only
-                              else {"trained_here": cfg.to_dict()}),
+                              else {"trained_here": cfg.to_dict()} if cfg else {"skipped": "no meta-training tasks"}),
                 "metadataset": str(root), "tasks": list(results)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(summary))
     return 0
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def _markdown(results, meta, mean, boot, ceilings, mae, label) -> str:
+    lines = ["| task | source | classes | teacher acc | method | Spearman [95% CI] | Kendall | top-1 regret (pts) | "
+             "top-5 regret (pts) |", "|---|---|---|---|---|---|---|---|---|"]
+    for tid, per in results.items():
+        i = meta[tid]
+        for m, v in per.items():
+            lines.append(f"| {tid} | {i['source']} | {i['classes']} | {i['teacher_acc']:.3f} | {m} | "
+                         f"{v['spearman']:.3f} {_ci(v.get('spearman_ci'))} | {v['kendall']:.3f} | "
+                         f"{v['top1_regret']:.2f} | {v['top5_regret']:.2f} |")
+    lines += ["", "| method | mean Spearman | 95% CI (tasks and students) | difference from dass, 95% CI |",
+              "|---|---|---|---|"]
+    for m, v in mean.items():
+        lines.append(f"| {m} | {v:.3f} | {_ci(boot['mean'].get(m))} | {_ci(boot['diff_vs_dass'].get(m))} |")
+    lines += ["", f"Labels: {'mean of two KD seeds where every student has both, else the first seed' if label == 'mean' else 'first KD seed'}.",
+              "Label-noise ceiling (seed-to-seed Spearman r; reliability of the label used: r for one seed, 2r/(1+r) for "
+              "the mean of two; ceiling = sqrt(reliability), what a perfect predictor would reach):", ""]
+    for k, c in ceilings.items():
+        lines.append(f"- {k}: " + (f"r {c['seed_spearman']:.3f} {_ci(c['seed_spearman_ci'])} over {c['students']} "
+                                   f"students, label of {c['label_seeds']} seed(s), ceiling {c['ceiling']:.3f}"
+                                   if c else "n/a (no second seed)"))
+    lines += ["", "Mean absolute error of the predicted accuracy (points): "
+              + "; ".join(f"{k}: " + ", ".join(f"{m} {v:.1f}" for m, v in d.items()) for k, d in mae.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path, results, ceilings, mean, boot, methods) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+        w = 0.8 / max(1, len(results))
+        for i, (tid, per) in enumerate(results.items()):
+            ys = [per[m]["spearman"] if m in per else np.nan for m in methods]
+            err = np.array([[y - per[m]["spearman_ci"][0], per[m]["spearman_ci"][1] - y]
+                            if m in per and per[m].get("spearman_ci") else [0, 0] for m, y in zip(methods, ys)]).T
+            ax.bar(np.arange(len(methods)) + i * w, ys, w, yerr=err, capsize=1, label=tid, color=f"C{i % 10}",
+                   error_kw={"lw": 0.5})
+            c = ceilings.get(tid)
+            if c:
+                ax.hlines(c["ceiling"], -0.5, len(methods) - 0.5, ls=":", lw=0.7, color=f"C{i % 10}")
+        ax.set_xticks(np.arange(len(methods)) + 0.4 - w / 2, methods, rotation=30)
+        ax.set_ylabel("Spearman vs measured KD accuracy")
+        ax.set_title("per task (bars: 95% bootstrap CI over students; dotted: label-noise ceiling)", fontsize=8)
+        ax.legend(fontsize=6, ncol=2)
+        ms = [m for m in methods if m in mean]
+        ys = [mean[m] for m in ms]
+        err = np.array([[y - boot["mean"][m][0], boot["mean"][m][1] - y] if boot["mean"].get(m) else [0, 0]
+                        for m, y in zip(ms, ys)]).T
+        ax2.bar(range(len(ms)), ys, yerr=err, capsize=2, color="gray")
+        ax2.set_xticks(range(len(ms)), ms, rotation=45, fontsize=7)
+        ax2.set_title("mean over tasks (95% CI over tasks and students)", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except Exception as e:  # the table and JSON are the result; a plot failure is reported, not fatal
+        print(f"warning: plot failed: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

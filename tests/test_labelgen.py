@@ -100,22 +100,38 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
 
     _, scale, _ = built
     test_group = {"role": "test", "source": "omniglot_small", "path": "omniglot_small.parquet", "num_tasks": 1,
-                  "seed": 3, "classes_per_task": 3, "train_per_class": 10, "val_per_class": 5, "students": 2,
-                  "second_seed": 2, "teacher_epochs": 1}
+                  "seed": 3, "classes_per_task": 3, "train_per_class": 10, "val_per_class": 5, "students": 3,
+                  "second_seed": 3, "teacher_epochs": 1}
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"groups": [test_group]}))
     out = tmp_path / "md"
     man = build(out, scale, load_plan(str(plan)), log=lambda m: None)
-    assert man["students"] == 4  # 2 students + both again with a second seed (not the scale's 3 and 2)
+    assert man["students"] == 6  # 3 students + all again with a second seed (not the scale's 3 and 2)
     (tid,) = man["tasks"]
     assert man["tasks"][tid] == {"role": "test", "source": "omniglot_small", "teacher_acc": man["tasks"][tid]["teacher_acc"],
-                                 "ok": 2, "failed": 0, "replicates": 2}
+                                 "ok": 3, "failed": 0, "replicates": 3}
+    # evaluation of a meta-dataset that holds only test tasks: the baseline it cannot train is skipped, said so
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, str(root / "scripts" / "evaluate.py"), "--metadataset", str(out),
+                        "--predictor", str(root / "dass_ray" / "assets" / "predictor" / "cpu.pt"), "--output",
+                        str(tmp_path / "eval"), "--scale", "tiny", "--bootstrap", "50"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "no meta-training tasks: the architecture-only baseline is skipped" in p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert list(res["tasks"]) == [tid] and "arch_only" not in res["tasks"][tid]
+    assert {"dass", "dass_no_adapt", "params", "flops", "synflow", "naswot", "random"} <= set(res["tasks"][tid])
+    ceiling = res["noise_ceiling_detail"][tid]
+    assert ceiling["students"] == 3 and ceiling["label_seeds"] == 2 and res["task_info"][tid]["label_seeds"] == 2
     before = MetaDatasetStore(out).students().to_pylist()
     # a plan that moves the task to validation (same ids) and adds a training group: only the new task runs
     moved = dataclasses.replace(load_plan(str(plan))[0], role="val", id_prefix="test-omniglot_small-s3")
     extra = load_plan(str(plan))[0].__class__("train", "mnist5k", "mnist5k.parquet", None, 1, seed=8, students=2)
     man2 = build(out, scale, [moved, extra], log=lambda m: None)
-    assert man2["sessions"][-1]["runs"] == 2 and man2["students"] == 6
+    assert man2["sessions"][-1]["runs"] == 2 and man2["students"] == 8
     assert man2["tasks"][tid]["role"] == "val" and len(man2["tasks"]) == 2
     after = {(r["task_id"], r["arch_digest"], r["seed"]): r["best_acc"] for r in MetaDatasetStore(out).students().to_pylist()}
     assert all(after[(r["task_id"], r["arch_digest"], r["seed"])] == r["best_acc"] for r in before)  # rows kept
@@ -126,7 +142,7 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
         build(out, scale, [dataclasses.replace(moved, train_per_class=9), extra], log=lambda m: None)
     with pytest.raises(ValueError, match="drops task"):
         build(out, scale, [extra], log=lambda m: None)
-    assert len(MetaDatasetStore(out).students()) == 6
+    assert len(MetaDatasetStore(out).students()) == 8
     assert {f: (out / f).read_text() for f in files} == files
 
 

@@ -96,6 +96,29 @@ def test_meta_sgd_adapts_on_teacher_and_step_sizes_get_gradients():
     assert not s1.requires_grad and not torch.allclose(s1, s0)
 
 
+def test_teacher_outside_the_meta_training_range_is_scored_without_the_step():
+    torch.manual_seed(0)
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    m = MetaSGD(Predictor(cfg), inner_lr=0.05)
+    b = _batch(6, cfg)
+    m.teacher_acc_range = (0.5, 0.95)
+    inside, outside = teacher_support(b.teacher_map, b.arch[0], 0.9), teacher_support(b.teacher_map, b.arch[0], 0.16)
+    none = m.predict(None, b)
+    assert not m.gated(inside) and m.gated(outside)
+    gated = m.predict(outside, b)  # gated: the unadapted scores shifted by one constant (the same ranking) ...
+    torch.testing.assert_close(gated - none, torch.full_like(none, float(gated[0] - none[0])))
+    assert torch.equal(torch.argsort(gated), torch.argsort(none))
+    # ... so that the teacher itself is predicted at its own accuracy
+    assert float(m.predictor(outside, m.adapt(outside))) == pytest.approx(0.16, abs=1e-5)
+    assert not torch.allclose(m.predict(outside, b, gate=False), none)  # the ablation still takes the step
+    assert not torch.allclose(m.predict(inside, b), none)
+    # a support of teacher + measured students (re-adaptation) is never gated
+    two = PredictorBatch(b.student_maps[:2], b.teacher_map, b.arch[:2], torch.tensor([0.16, 0.1]))
+    assert not m.gated(two) and not torch.allclose(m.predict(two, b), none)
+    m.teacher_acc_range = None
+    assert not m.gated(outside)
+
+
 def test_rank_correlations():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -1,0 +1,48 @@
+"""Ranking metrics, bootstrap intervals and the label-noise ceiling (numpy only)."""
+import numpy as np
+import pytest
+
+from dass_ray.meta import spearman
+from dass_ray.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
+
+
+def _task(rng, n=50, noise=0.5):
+    acc = rng.uniform(0.5, 0.9, n)
+    return {"good": acc + noise * 0.1 * rng.standard_normal(n), "bad": rng.standard_normal(n)}, acc
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_separate_real_differences():
+    rng = np.random.default_rng(0)
+    tasks = [_task(rng) for _ in range(6)]
+    for scores, acc in tasks:
+        ci = bootstrap_task(scores, acc, n_boot=300)
+        for m in scores:
+            assert ci[m][0] <= spearman(scores[m], acc) <= ci[m][1]
+        assert ci["good"][0] > ci["bad"][1]  # a strong and a random score do not overlap on 50 students
+    boot = bootstrap_mean(tasks, reference="good", n_boot=300)
+    assert boot["mean"]["good"][0] > 0.5 and boot["mean"]["bad"][0] < 0 < boot["mean"]["bad"][1]
+    lo, hi = boot["diff_vs_good"]["bad"]
+    assert hi < 0  # the difference is real: its interval excludes 0
+    # the same seed gives the same intervals (reproducible figures)
+    assert bootstrap_mean(tasks, reference="good", n_boot=300) == boot
+
+
+def test_label_ceiling_spearman_brown():
+    rng = np.random.default_rng(1)
+    true = rng.uniform(0, 1, 40)
+    same = np.stack([true, true], 1)
+    assert label_ceiling(same, 1)["ceiling"] == pytest.approx(1.0)
+    noisy = np.stack([true + 0.3 * rng.standard_normal(40), true + 0.3 * rng.standard_normal(40)], 1)
+    one, two = label_ceiling(noisy, 1), label_ceiling(noisy, 2)
+    r = one["seed_spearman"]
+    assert 0 < r < 1 and one["reliability"] == pytest.approx(r)
+    assert two["reliability"] == pytest.approx(2 * r / (1 + r)) and two["ceiling"] > one["ceiling"]
+    assert one["seed_spearman_ci"][0] <= r <= one["seed_spearman_ci"][1]
+    assert label_ceiling(None, 1) is None and label_ceiling(noisy[:2], 1) is None
+
+
+def test_regret_counts_points_lost_against_the_pool_best():
+    acc = np.array([0.5, 0.9, 0.7, 0.8, 0.6, 0.65])
+    m = ranking_metrics(np.array([6, 1, 2, 3, 4, 5.0]), acc)  # ranks the worst first
+    assert m["top1_regret"] == pytest.approx(40.0) and m["top5_regret"] == pytest.approx(10.0)
+    assert ranking_metrics(acc, acc)["spearman"] == pytest.approx(1.0)
