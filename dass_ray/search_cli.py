@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     except Exception as e:
         print(f"error: search failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:  # disconnect (and stop a local Ray) before the interpreter exits, not from its atexit hooks
+        import ray
+
+        ray.shutdown()
     b = result["best"]
     print(json.dumps({"output": cfg.output, "best_measured_acc": b["measured_acc"], "best_predicted_acc":
                       b["predicted_acc"], "flops": b["flops"], "params": b["params"],
