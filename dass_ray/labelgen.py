@@ -8,6 +8,7 @@ so killing the driver loses at most the runs in flight.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +21,8 @@ from dass_ray.data import TaskSpec, load_tasks, save_tasks
 from dass_ray.embed import noise_input
 from dass_ray.kd import (SoftLabels, TensorData, TrainResult, compute_soft_labels, load_teacher, round_half, save_teacher,
                          train_teacher)
-from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, code_version, machine, make_tasks,
-                                  run_key, run_student, student_plan, student_row,
-                                  task_data)
+from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, atomic_write_text, code_version, machine,
+                                  make_tasks, run_key, run_student, student_plan, student_row, task_data)
 from dass_ray.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
 from dass_ray.rayutil import Progress
 from dass_ray.space import get_space
@@ -123,6 +123,7 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     at once (default: twice the CPUs the cluster has or can autoscale to). `teacher_parallel`: teachers trained
     at once (default: the CPUs the cluster has or can autoscale to // `teacher_cpus`)."""
     t_start = time.time()
+    session_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(t_start))}-{os.getpid()}"
     store = MetaDatasetStore(output)
     plan = {"scale": scale.to_dict(), "groups": [g.to_dict() for g in groups], "seed": seed}
     tasks_file = store.root / "tasks.json"
@@ -176,48 +177,20 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     needed = {j[0] for j in todo} | {t.task_id for t in tasks if t.task_id not in done_tasks}
     active = [(i, t) for i, t in enumerate(tasks) if t.task_id in needed]
 
-    # 2. teachers + soft labels + teacher embeddings of the active tasks
-    contexts: dict[str, TaskContext] = {}
+    # 2. one loop over teachers and students: missing teachers train (up to `teacher_parallel` Ray Train runs at
+    # once, each saved as it finishes), and a task's students start as soon as its teacher, soft labels and task
+    # row are ready -- a long build labels students while later teachers still train.
     storage = storage or str(store.root / "ray_train")
     if "://" not in storage:
         storage = str(Path(storage).resolve())  # resolved here: the Train runs are driven from worker processes
-    # 2a. every missing teacher at once (up to `teacher_parallel` Ray Train runs in flight), saved as it finishes
-    missing = [(i, t) for i, t in active if not store.teacher_path(t.task_id).exists()]
-    if missing:
-        par = teacher_parallel or max(1, max_cluster_cpus() // max(1, teacher_cpus))
-        t_phase = time.perf_counter()
-        queue = list(missing)
-        inflight: dict = {}
+    contexts: dict[str, TaskContext] = {}
+    ctx_refs: dict = {}
 
-        def submit_teacher() -> None:
-            i, task = queue.pop(0)
-            data = task_data(task, space0.image_size, data_root, cache)
-            tscale = group_of[task.task_id].teacher_scale(scale)
-            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({tscale.teacher.epochs} epochs, "
-                f"{len(data.y_train)} images) with Ray Train")
-            inflight[_teacher_remote.remote(task, data, tscale, storage, seed, teacher_cpus)] = (i, task, data)
-
-        while queue and len(inflight) < par:
-            submit_teacher()
-        while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            i, task, data = inflight.pop(ref)
-            sd, summ, wall = ray.get(ref)  # a failed teacher stops the build: its task would have no labels
-            acc = _save_trained_teacher(store.teacher_path(task.task_id), task, data, scale, sd, summ, wall)
-            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: val acc {acc:.3f} ({wall:.0f}s)")
-            warning = near_chance_warning(acc, data.num_classes)
-            if warning:
-                log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: warning: {warning}")
-            if queue:
-                submit_teacher()
-        timings["teachers_s"] += time.perf_counter() - t_phase
-
-    # 2b. per task: soft labels once, the teacher's embedding, the context shipped to student runs
-    for i, task in active:
+    def prepare_task(task: TaskSpec) -> None:
+        """Soft labels once, the teacher's embedding (task row), the context shipped to the task's student runs."""
         data = task_data(task, space0.image_size, data_root, cache)
         space = spaces[task.task_id]
-        tp = store.teacher_path(task.task_id)
-        ck = load_teacher(tp)
+        ck = load_teacher(store.teacher_path(task.task_id))
         soft_path = store.root / "soft" / f"{task.task_id}.parquet"
         expect = {"teacher": ck.digest(), "data": data.fingerprint()}
         if soft_path.exists():
@@ -237,45 +210,84 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
             })
         contexts[task.task_id] = TaskContext(task.task_id, roles[task.task_id], task.source, space, ck.state_dict,
                                              ck.val_acc, data, soft)
+        ctx_refs[task.task_id] = ray.put(contexts[task.task_id])
 
-    # 3. students: round-robin over tasks so partial results stay balanced; noise-ceiling replicates last
+    missing = [(i, t) for i, t in active if not store.teacher_path(t.task_id).exists()]
+    for _, t in active:
+        if store.teacher_path(t.task_id).exists():
+            prepare_task(t)
+    par = teacher_parallel or max(1, max_cluster_cpus() // max(1, teacher_cpus))
+    teacher_queue = list(missing)
+    teachers: dict = {}
+
+    def submit_teacher() -> None:
+        i, task = teacher_queue.pop(0)
+        data = task_data(task, space0.image_size, data_root, cache)
+        tscale = group_of[task.task_id].teacher_scale(scale)
+        log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: training ({tscale.teacher.epochs} epochs, "
+            f"{len(data.y_train)} images) with Ray Train")
+        teachers[_teacher_remote.remote(task, data, tscale, storage, seed, teacher_cpus)] = (i, task, data)
+
+    while teacher_queue and len(teachers) < par:
+        submit_teacher()
+
     log(f"[students] {n_recorded}/{len(jobs)} already recorded; running {len(todo)}")
-    ctx_refs = {tid: ray.put(c) for tid, c in contexts.items()}
-    # Twice the CPUs the cluster has or can autoscale to: enough queued demand for the autoscaler to see.
+    # Twice the CPUs the cluster has or can autoscale to: enough queued demand for the autoscaler to see. While
+    # teachers train, only the CPUs they leave are queued, so student runs never starve a teacher's placement.
     max_inflight = max_inflight or max(2, 2 * max_cluster_cpus())
     opts = ray_options("kd_trial")
     t0 = time.perf_counter()
     prog = Progress(len(todo), "students")
     pending: dict = {}
-    it = iter(todo)
-    failed = 0
+    queued = list(todo)
+    failed = ran = 0
+    last_manifest = time.monotonic()
 
-    def submit() -> bool:
-        try:
-            tid, arch, s, rep = next(it)
-        except StopIteration:
-            return False
-        ref = _student_remote.options(**opts).remote(ctx_refs[tid], arch.to_json(), scale, s, rep)
-        pending[ref] = (tid, arch, s, rep)
-        return True
+    def fill() -> None:
+        cap = max_inflight if not teachers and not teacher_queue else \
+            max(0, min(max_inflight, max_cluster_cpus() - len(teachers) * teacher_cpus))
+        k = 0
+        while len(pending) < cap and k < len(queued):
+            tid, arch, s, rep = queued[k]
+            if tid not in ctx_refs:  # its teacher is not ready yet: keep its place in the order
+                k += 1
+                continue
+            queued.pop(k)
+            ref = _student_remote.options(**opts).remote(ctx_refs[tid], arch.to_json(), scale, s, rep)
+            pending[ref] = (tid, arch, s, rep)
 
-    while len(pending) < max_inflight and submit():
-        pass
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ref = ready[0]
-        tid, arch, s, rep = pending.pop(ref)
-        try:
-            row = ray.get(ref)
-        except Exception as e:  # the worker died beyond its retries: record it, keep going
-            row = run_student_failed(contexts[tid], arch, s, rep, f"{type(e).__name__}: {e}")
-        failed += row["status"] != "ok"
-        store.append([row])
-        prog.update(1, f"{tid} acc={row['best_acc']:.3f} failed={failed}")
-        submit()
+    fill()
+    while pending or teachers:
+        (ref,), _ = ray.wait(list(teachers) + list(pending), num_returns=1)
+        if ref in teachers:
+            i, task, data = teachers.pop(ref)
+            sd, summ, wall = ray.get(ref)  # a failed teacher stops the build: its task would have no labels
+            acc = _save_trained_teacher(store.teacher_path(task.task_id), task, data, scale, sd, summ, wall)
+            timings["teachers_s"] += wall
+            log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: val acc {acc:.3f} ({wall:.0f}s)")
+            warning = near_chance_warning(acc, data.num_classes)
+            if warning:
+                log(f"[teacher {i + 1}/{len(tasks)}] {task.task_id}: warning: {warning}")
+            if teacher_queue:
+                submit_teacher()
+            prepare_task(task)
+        else:
+            tid, arch, s, rep = pending.pop(ref)
+            try:
+                row = ray.get(ref)
+            except Exception as e:  # the worker died beyond its retries: record it, keep going
+                row = run_student_failed(contexts[tid], arch, s, rep, f"{type(e).__name__}: {e}")
+            failed += row["status"] != "ok"
+            ran += 1
+            store.append([row])
+            prog.update(1, f"{tid} acc={row['best_acc']:.3f} failed={failed}")
+        fill()
+        if time.monotonic() - last_manifest > MANIFEST_EVERY_S:  # a killed build still leaves its manifest entry
+            _write_manifest(store, command, timings, time.time() - t_start, ran, failed, session_id)
+            last_manifest = time.monotonic()
     prog.close()
     timings["students_s"] = time.perf_counter() - t0
-    return _write_manifest(store, command, timings, time.time() - t_start, len(todo), failed)
+    return _write_manifest(store, command, timings, time.time() - t_start, ran, failed, session_id, done=True)
 
 
 def near_chance_warning(acc: float, num_classes: int) -> str | None:
@@ -293,9 +305,16 @@ def run_student_failed(ctx: TaskContext, arch, seed: int, rep: int, reason: str)
     return student_row(ctx, arch, seed, rep, TrainResult("failed", 0.0, 0.0, 0, 0.0, reason=reason), 0.0)
 
 
-def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: float, ran: int, failed: int) -> dict:
+MANIFEST_EVERY_S = 120.0
+
+
+def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: float, ran: int, failed: int,
+                    session_id: str, done: bool = False) -> dict:
+    """Update manifest.json: this driver run's entry (replaced in place while it runs; `finished` once done) and
+    the totals over every row recorded."""
     p = store.root / "manifest.json"
     man = json.loads(p.read_text()) if p.exists() else {"sessions": []}
+    man["sessions"] = [x for x in man["sessions"] if x.get("session_id") != session_id]
     st = store.students().to_pylist()
     tasks = store.task_rows().to_pylist()
     counts: dict = {}
@@ -305,7 +324,8 @@ def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: 
             c["replicates"] += 1
         else:
             c["ok" if r["status"] == "ok" else "failed"] += 1
-    man["sessions"].append({"command": command, "code_version": code_version(), "machine": machine(),
+    man["sessions"].append({"session_id": session_id, "finished": done, "command": command,
+                            "code_version": code_version(), "machine": machine(),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
                             "wall_s": round(wall, 1), "runs": ran, "failed": failed,
                             **{k: round(v, 1) for k, v in timings.items()}})
@@ -315,5 +335,5 @@ def _write_manifest(store: MetaDatasetStore, command: str, timings: dict, wall: 
     man["tasks"] = {t["task_id"]: {"role": t["role"], "source": t["source"], "teacher_acc": round(t["teacher_acc"], 4),
                                    **counts.get(t["task_id"], {})} for t in tasks}
     man["students"] = len(st)
-    p.write_text(json.dumps(man, indent=1))
+    atomic_write_text(p, json.dumps(man, indent=1))
     return man

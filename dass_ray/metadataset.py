@@ -407,7 +407,7 @@ class MetaDatasetStore:
                                  f"{diff or ['seed']}; stored scale {old.get('scale', {}).get('name')!r}); use a "
                                  f"new --output or the same options")
         if not p.exists() or json.loads(p.read_text()) != plan:
-            _atomic_write(p, json.dumps(plan, indent=1, sort_keys=True))
+            atomic_write_text(p, json.dumps(plan, indent=1, sort_keys=True))
 
     # students -------------------------------------------------------------------------------------------------
 
@@ -475,7 +475,7 @@ class MetaDatasetStore:
         os.replace(tmp, p)
 
 
-def _atomic_write(p: Path, text: str) -> None:
+def atomic_write_text(p: Path, text: str) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, p)

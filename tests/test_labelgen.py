@@ -177,8 +177,12 @@ def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_
     one = meta_train(space, train, val, cfg, num_workers=1, storage=tmp_path, name="w1")
     two = meta_train(space, train, val, cfg, num_workers=2, storage=tmp_path, name="w2")
     assert one["episodes"] == two["episodes"] == 4
+    # The two runs sum the tasks' gradients in a different order (an all-reduce across workers): float32 rounding
+    # differs by ~1e-7, and Adam's normalised step turns that into up to ~1% of one step (lr 1e-3) for a weight
+    # whose gradient is ~0 (seen: 7e-6 on 1 of 36,864 weights). A real divergence -- a task skipped or counted
+    # twice -- moves weights by whole steps, far above this tolerance.
     for k in one["last"]:
-        torch.testing.assert_close(one["last"][k], two["last"][k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(one["last"][k], two["last"][k], rtol=1e-3, atol=2e-5)
     # training moved the parameters (the comparison is not vacuous)
     from dass_ray.metatrain import make_model
 
