@@ -32,13 +32,10 @@ MAX_BATCH_ATTEMPTS = 6
 class EncoderActor:
     """Holds the teacher (folded for the batched engine) once; embeds batches of candidate configs."""
 
-    def __init__(self, teacher_ref: list, space: dict, seed: int = 0, threads: int = 1):
-        # `teacher_ref` is [ObjectRef of the teacher's state dict]: a reference nested in a list is passed as is, so
-        # the constructor's own arguments stay small and inline (Ray logs an error for restartable actors whose
-        # constructor arguments live in the object store), and a restarted actor fetches the teacher again.
+    def __init__(self, teacher_sd: dict, space: dict, seed: int = 0, threads: int = 1):
         torch.set_num_threads(threads)
         self.space = SpaceConfig.from_dict(space)
-        self.engine = Embedder(ray.get(teacher_ref[0]), self.space, seed=seed)
+        self.engine = Embedder(teacher_sd, self.space, seed=seed)
 
     @ray.method(num_returns=3)
     def embed(self, batch_id: int, arch_jsons: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -120,7 +117,7 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
         # SPREAD: one encoder per node first (each holds its own teacher copy and CPUs), so losing a node costs
         # one actor's batches; a restarted actor is placed on the nodes that are left.
         return EncoderActor.options(**enc_opts, scheduling_strategy="SPREAD").remote(
-            [sd_ref], space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
+            sd_ref, space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
 
     # Encoders start first: their process start-up and teacher folding overlap the adaptation below.
     encs = actors if actors is not None else [new_encoder() for _ in range(encoders)]
