@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from dass_ray.client import ClientError, SearchClient
+from dass_ray.service.client import ClientError, SearchClient
 from dass_ray.data import bundled_path
 from dass_ray.v1 import search_pb2 as pb
 
@@ -34,7 +34,7 @@ TEACHER = ROOT / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 
 
 def start_server(state: Path, token_file: Path, workers: int) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "dass_ray.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--state-dir",
+    cmd = [sys.executable, "-m", "dass_ray.service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--state-dir",
            str(state), "--token-file", str(token_file), "--workers", str(workers), "--max-queued", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(state.parent / "server.log", "wb"), text=True,
                          cwd=str(ROOT))

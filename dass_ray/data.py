@@ -61,7 +61,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 _PARQUET_COLUMNS = ("image", "label", "label_name")
 _ASSET_DIR = Path(__file__).resolve().parent / "assets" / "data"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DatasetError(ValueError):
@@ -84,12 +83,14 @@ def _err(source: object, problem: str, *, row: int | None = None, field: str | N
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Decoded images in memory. ``images`` uint8 [N,H,W,3]; ``labels`` int64 [N] in 0..C-1."""
+    """Decoded images in memory. ``images`` uint8 [N,H,W,3]; ``labels`` int64 [N] in 0..C-1; ``channels`` those of the
+    images as stored (1: all grayscale, replicated to 3 in ``images``; 3: colour), as a user's own images come."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
     source: str
+    channels: int = 3
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -107,6 +108,8 @@ class ImageDataset:
         names = tuple(str(n) for n in self.class_names)
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "source", str(self.source))
+        if self.channels not in (1, 3):
+            raise _err(self.source, f"expected 1 or 3 channels, got {self.channels!r}", field="channels")
         if labels.size:
             bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
             if bad.size:
@@ -131,7 +134,7 @@ class ImageDataset:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise _err(self.source, f"subset index out of range for {len(self)} rows")
-        return ImageDataset(self.images[idx], self.labels[idx], self.class_names, self.source)
+        return ImageDataset(self.images[idx], self.labels[idx], self.class_names, self.source, self.channels)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
@@ -222,8 +225,9 @@ def _decode_all(
     payloads: Sequence[bytes | None],
     where: Callable[[int], tuple[str, int | None]],
     hw: tuple[int, int] | None,
-) -> np.ndarray:
-    """Decode encoded images to uint8 [N,H,W,3]; `where(i)` -> (source, row) for error messages.
+) -> tuple[np.ndarray, int]:
+    """Decode encoded images to uint8 [N,H,W,3] and their channels (1 if all are grayscale, else 3); `where(i)` ->
+    (source, row) for error messages.
 
     A plain loop: PIL's per-image Python overhead dominates for small images, and threads measured slower (GIL)."""
     arrays: list[np.ndarray] = []
@@ -236,9 +240,10 @@ def _decode_all(
             arrays.append(_decode_one(bytes(data), hw))
         except Exception as e:  # PIL raises a zoo of types (UnidentifiedImageError, OSError, SyntaxError, ...)
             src, row = where(i)
-            raise _err(src, f"could not decode image bytes as PNG/JPEG ({type(e).__name__}: {e})",
-                       row=row, field="image") from None
-    return _stack(arrays, hw)
+            raise _err(src, "could not decode image bytes as PNG/JPEG (corrupt or another format)",
+                       row=row, field="image") from e
+    gray = all(a.ndim == 2 or a.shape[2] == 1 for a in arrays)
+    return _stack(arrays, hw), 1 if gray else 3
 
 
 def _stack(arrays: list[np.ndarray], hw: tuple[int, int] | None) -> np.ndarray:
@@ -374,7 +379,8 @@ def _load_parquet(path: Path, *, split: str | None = None, image_size: tuple[int
     try:
         schema = pq.read_schema(path)
     except Exception as e:
-        raise DatasetError(f"{src}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{src}: not a readable Parquet file (expected columns image (PNG/JPEG bytes), label, "
+                           f"label_name)") from e
     missing = [c for c in _PARQUET_COLUMNS if c not in schema.names]
     if missing:
         raise _err(src, f"missing column(s) {missing}; expected columns {list(_PARQUET_COLUMNS)}, "
@@ -382,7 +388,7 @@ def _load_parquet(path: Path, *, split: str | None = None, image_size: tuple[int
     try:
         table = pq.read_table(path, columns=list(_PARQUET_COLUMNS))
     except Exception as e:
-        raise DatasetError(f"{src}: could not read Parquet data ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{src}: the Parquet data is corrupt or truncated") from e
     n = table.num_rows
     if n == 0:
         raise DatasetError(f"{src}: zero rows; expected at least one image")
@@ -432,8 +438,8 @@ def _load_parquet(path: Path, *, split: str | None = None, image_size: tuple[int
     _check_no_empty_class(labels, class_names, src, "label")
 
     payloads = table["image"].to_pylist()
-    images = _decode_all(payloads, lambda i: (src, i), image_size)
-    return ImageDataset(images, labels, class_names, src)
+    images, channels = _decode_all(payloads, lambda i: (src, i), image_size)
+    return ImageDataset(images, labels, class_names, src, channels)
 
 
 @register_adapter("split_dir")
@@ -458,7 +464,8 @@ def _load_npz(path: Path, *, split: str | None = None, image_size: tuple[int, in
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise DatasetError(f"{src}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{src}: not a readable .npz file (expected a NumPy archive with arrays images "
+                           f"[N, H, W] or [N, H, W, C] and labels [N], no pickled objects)") from e
     for key in ("images", "labels"):
         if key not in arrays:
             raise _err(src, f"missing array '{key}'; expected arrays 'images', 'labels' and optional "
@@ -493,10 +500,11 @@ def _load_npz(path: Path, *, split: str | None = None, image_size: tuple[int, in
         how = "no 'class_names' array"
     _check_label_values(labels, len(class_names), src, how)
     _check_no_empty_class(labels, class_names, src, "labels")
+    channels = 1 if images.ndim == 3 or images.shape[-1] == 1 else 3
     images = _gray_to_rgb(images)
     if image_size is not None and images.shape[1:3] != image_size:
         images = _stack([images[i] for i in range(n)], image_size)
-    return ImageDataset(images, labels, class_names, src)
+    return ImageDataset(images, labels, class_names, src, channels)
 
 
 @register_adapter("imagefolder")
@@ -541,8 +549,9 @@ def _load_imagefolder(path: Path, *, split: str | None = None, image_size: tuple
             raise DatasetError(f"{files[i]}: field 'image': cannot read file ({e})") from None
 
     payloads = [read(i) for i in range(len(files))]
-    images = _decode_all(payloads, lambda i: (str(files[i]), None), image_size)
-    return ImageDataset(images, np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs), str(root))
+    images, channels = _decode_all(payloads, lambda i: (str(files[i]), None), image_size)
+    return ImageDataset(images, np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs), str(root),
+                        channels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,15 +574,13 @@ def bundled_path(name: str) -> Path:
 
 
 def shared_datasets_root() -> Path | None:
-    """The shared datasets directory: ``$DASS_DATASETS`` if set, else ``<repo>/../shared/datasets`` if it exists."""
-    env = os.environ.get("DASS_DATASETS")
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_dir():
-            raise DatasetError(f"DASS_DATASETS={env!r}: not a directory")
-        return p
-    p = _REPO_ROOT.parent / "shared" / "datasets"
-    return p if p.is_dir() else None
+    """`dass_ray.fileutil.shared_datasets_root`, with a bad ``$DASS_DATASETS`` as a DatasetError."""
+    from dass_ray.fileutil import shared_datasets_root as root
+
+    try:
+        return root()
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
 
 
 def resolve_dataset_path(path: str | Path, data_root: str | Path | None = None) -> Path:
@@ -813,7 +820,7 @@ def load_task_data(task: TaskSpec, dataset: ImageDataset) -> tuple[ImageDataset,
             r = int(idx[bad[0]])
             raise DatasetError(f"task {task.task_id!r}: field '{field}': row {r} of {dataset.source} has class "
                                f"{int(dataset.labels[r])}, not one of the task's classes {task.classes}; wrong dataset?")
-        parts.append(ImageDataset(dataset.images[idx], mapped, names, dataset.source))
+        parts.append(ImageDataset(dataset.images[idx], mapped, names, dataset.source, dataset.channels))
     return parts[0], parts[1]
 
 

@@ -3,7 +3,10 @@ installs without torch or Ray)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -13,3 +16,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b""):
             h.update(b)
     return h.hexdigest()
+
+
+def shared_datasets_root() -> Path | None:
+    """The shared datasets directory: ``$DASS_DATASETS`` if set, else ``<repo>/../shared/datasets`` if it exists.
+    A `$DASS_DATASETS` that is not a directory is a ValueError."""
+    env = os.environ.get("DASS_DATASETS")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise ValueError(f"DASS_DATASETS={env!r}: not a directory")
+        return p
+    p = REPO_ROOT.parent / "shared" / "datasets"
+    return p if p.is_dir() else None
+
+
+STORAGE_ENV = "DASS_RAY_STORAGE"
+
+
+def resolve_storage(value: str | None, default: Path) -> str:
+    """A Tune/Train storage path: a URI as given (checked that pyarrow can open its file system), else an
+    absolute local path. Raises ValueError with the reason."""
+    value = value or os.environ.get(STORAGE_ENV) or None
+    if value is None:
+        return str(default.resolve())
+    if "://" in value:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(value)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ValueError depending on the scheme
+            raise ValueError(f"{value!r} is not a storage URI this machine can open: {e}") from None
+        return value
+    return str(Path(value).expanduser().resolve())

@@ -42,13 +42,15 @@ from dass_ray.space import ArchConfig, SpaceConfig
 
 @dataclass
 class TensorData:
-    """A task's train/val split as normalised tensors [N,3,S,S] and int64 labels."""
+    """A task's train/val split as normalised tensors [N,3,S,S] and int64 labels. ``native_shape``: (H, W, C) of the
+    images before `to_tensor` (the dataset's own size and channels, see `dass_ray.export.spec_for`)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
     class_names: tuple[str, ...]
+    native_shape: tuple[int, int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +61,8 @@ class TensorData:
         if tuple(train.class_names) != tuple(val.class_names):
             raise ValueError(f"train and val class names differ: {train.class_names} vs {val.class_names}")
         return cls(to_tensor(train.images, image_size), torch.from_numpy(train.labels.copy()),
-                   to_tensor(val.images, image_size), torch.from_numpy(val.labels.copy()), tuple(train.class_names))
+                   to_tensor(val.images, image_size), torch.from_numpy(val.labels.copy()), tuple(train.class_names),
+                   (*train.image_size, train.channels))
 
     def fingerprint(self) -> str:
         """sha256 over the training tensor and labels (identifies what soft labels were computed on)."""
@@ -387,8 +390,9 @@ def load_teacher(path: str | Path) -> TeacherCheckpoint:
         raise ValueError(f"{p}: teacher checkpoint not found")
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p}: not a readable teacher checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's unpickler answers a foreign or corrupt file with many exception types
+        raise ValueError(f"{p}: not a readable teacher checkpoint (expected a file written by "
+                         f"scripts/train_teacher.py)") from e
     if not isinstance(blob, dict) or blob.get("format") != "dass_ray.teacher/1":
         raise ValueError(f"{p}: not a dass_ray teacher checkpoint (missing format 'dass_ray.teacher/1')")
     try:
@@ -398,8 +402,9 @@ def load_teacher(path: str | Path) -> TeacherCheckpoint:
         ck = TeacherCheckpoint(sd, space, arch, float(blob["val_acc"]),
                                tuple(blob["class_names"]), blob.get("meta", {}))
         ck.model()  # checks keys and shapes
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{p}: invalid teacher checkpoint ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, RuntimeError, ValueError, AttributeError) as e:
+        what = f"missing entry {e}" if isinstance(e, KeyError) else "weights that do not fit its architecture"
+        raise ValueError(f"{p}: invalid teacher checkpoint ({what})") from e
     if len(ck.class_names) != space.num_classes:
         raise ValueError(f"{p}: {len(ck.class_names)} class names for a {space.num_classes}-class head")
     return ck

@@ -561,25 +561,30 @@ def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES, label: str
     return out
 
 
-def dataset_task(path: str | Path, scale: ScaleConfig, seed: int = 0, data_root: str | Path | None = None
-                 ) -> tuple[TaskSpec, TensorData]:
-    """A user dataset as one all-classes task: per class up to `scale.train_per_class` training and
+def dataset_task(path: str | Path, scale: ScaleConfig, seed: int = 0, data_root: str | Path | None = None,
+                 classes: tuple[str, ...] = ()) -> tuple[TaskSpec, TensorData]:
+    """A user dataset as one task over all its classes, or over `classes` (names or label numbers; the task's
+    labels follow the dataset's label order): per class up to `scale.train_per_class` training and
     `scale.val_per_class` validation images (fewer, 80/20, when a class is small). Deterministic in `seed`."""
     from dass_ray.data import DatasetError
+    from dass_ray.service.contract import resolve_classes
 
     p = resolve_dataset_path(path, data_root)
     ds = load_dataset(p)
+    pool = sorted(resolve_classes(classes, ds.class_names)) if classes else list(range(ds.num_classes))
     counts = ds.class_counts()
-    if counts.min() < 2:
-        raise DatasetError(f"{p}: class {int(counts.argmin())} ('{ds.class_names[int(counts.argmin())]}') has "
-                           f"{int(counts.min())} image(s); every class needs at least 2 (train + validation)")
-    small = int(counts.min())
+    small_c = min(pool, key=lambda c: counts[c])
+    if counts[small_c] < 2:
+        raise DatasetError(f"{p}: class {small_c} ('{ds.class_names[small_c]}') has "
+                           f"{int(counts[small_c])} image(s); every class needs at least 2 (train + validation)")
+    small = int(counts[small_c])
     tpc, vpc = scale.train_per_class, scale.val_per_class
     if small < tpc + vpc:
         vpc = max(1, small // 5)
         tpc = min(tpc, small - vpc)
     task = make_class_subset_tasks(ds, source=p.stem if p.stem not in ("all", "train") else p.parent.name,
-                                   path=str(p), num_tasks=1, classes_per_task=ds.num_classes, train_per_class=tpc,
-                                   val_per_class=vpc, seed=seed, prefix="search")[0]
+                                   path=str(p), num_tasks=1, classes_per_task=len(pool), train_per_class=tpc,
+                                   val_per_class=vpc, seed=seed, prefix="search",
+                                   class_pool=pool if classes else None)[0]
     tr, va = load_task_data(task, ds)
     return task, TensorData.from_datasets(tr, va, get_space(scale.space).image_size)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import ray
 
+from dass_ray.fileutil import STORAGE_ENV, resolve_storage  # noqa: F401 - re-exported
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Attach to `address` (a cluster) or start a local Ray instance; a no-op when already connected."""
@@ -55,23 +57,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-STORAGE_ENV = "DASS_RAY_STORAGE"
-
-
-def resolve_storage(value: str | None, default: Path) -> str:
-    """A Tune/Train storage path: a URI as given (checked that pyarrow can open its file system), else an
-    absolute local path. Raises ValueError with the reason."""
-    value = value or os.environ.get(STORAGE_ENV) or None
-    if value is None:
-        return str(default.resolve())
-    if "://" in value:
-        import pyarrow.fs
-
-        try:
-            pyarrow.fs.FileSystem.from_uri(value)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ValueError depending on the scheme
-            raise ValueError(f"{value!r} is not a storage URI this machine can open: {e}") from None
-        return value
-    return str(Path(value).expanduser().resolve())

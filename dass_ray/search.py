@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ray.tune.search import Searcher
 from dass_ray.config import ScaleConfig, get_scale
 from dass_ray.data import DatasetError, bundled_path
 from dass_ray.embed import Embedder
+from dass_ray.export import export_student, spec_for
 from dass_ray.kd import (TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
                          train_kd, train_teacher)
 from dass_ray.meta import MetaSGD
@@ -37,38 +37,25 @@ from dass_ray.predictor import PredictorBatch
 from dass_ray.rayutil import Progress, resolve_storage
 from dass_ray.resources import max_cluster_cpus
 from dass_ray.scoring import score_candidates
+from dass_ray.service import contract as C
+from dass_ray.service.contract import RequestError, SearchRequest
 from dass_ray.space import ArchConfig, SpaceConfig, get_space
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_TEACHER = ASSETS / "teachers" / "mnist5k_cpu.pt"
-DEFAULT_PREDICTOR = ASSETS / "predictor" / "cpu.pt"
+DEFAULT_TEACHER, DEFAULT_PREDICTOR = Path(C.DEFAULT_TEACHER), Path(C.DEFAULT_PREDICTOR)
 
 
 class InputError(ValueError):
     """Bad user input, detected before any Ray work."""
 
 
-@dataclass
-class SearchConfig:
-    dataset: str = "mnist5k"
-    teacher: str = str(DEFAULT_TEACHER)  # a checkpoint path, or "train" to train one on the dataset first
+@dataclass(frozen=True)
+class SearchConfig(SearchRequest):
+    """A `SearchRequest` (the contract's knobs) plus where and how this process runs it."""
+
     output: str = "runs/search"
-    predictor: str = str(DEFAULT_PREDICTOR)
-    max_flops: float | None = None
-    max_params: float | None = None
-    candidates: int = 2000
-    top_k: int = 5
-    kd_epochs: int | None = None  # None: the scale's
-    encoders: int = 2
-    predictors: int = 1
-    batch_size: int = 256  # candidates per encoder call
-    seed: int = 0
-    address: str | None = None
-    scale: str = "cpu"
+    address: str | None = None  # Ray cluster address; None: start a local Ray
     resume: bool = False
-    readapt: bool = False  # re-adapt on teacher + measured students after each KD trial and re-rank the rest
-    asha: bool = False
-    max_concurrent: int | None = None  # KD trials at once (default: CPUs the cluster has or can autoscale to)
+    num_cpus: int | None = None  # CPUs of a local Ray instance (None: all)
     data_root: str | None = None
     # Where KD-trial checkpoints go (Tune's storage_path): a directory every node can reach (NFS/EFS mount) or a
     # URI (s3://, gs://, file://). None: $DASS_RAY_STORAGE, else <output>/tune (enough on one machine).
@@ -99,6 +86,8 @@ class EventLog:
         self.path.write_text("".join(line + "\n" for line in lines))
 
     def emit(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
+        if stage not in C.STAGES:
+            raise ValueError(f"unknown stage {stage!r}; the contract's stages: {', '.join(C.STAGES)}")
         ev = {"seq": self.seq, "time": time.time(), "stage": stage, "done": int(done), "total": int(total),
               "message": message}
         with open(self.path, "a") as f:
@@ -138,24 +127,15 @@ def _dataset_path(s: str) -> str:
 
 def prepare(cfg: SearchConfig) -> Prepared:
     """Check every input; raise InputError with a one-line reason. No Ray work happens here."""
-    for name in ("candidates", "top_k", "encoders", "predictors", "batch_size"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if cfg.top_k > cfg.candidates:
-        raise InputError(f"--top-k {cfg.top_k} exceeds --candidates {cfg.candidates}")
-    if cfg.kd_epochs is not None and cfg.kd_epochs < 1:
-        raise InputError(f"--kd-epochs must be >= 1, got {cfg.kd_epochs}")
-    for name in ("max_flops", "max_params"):
-        v = getattr(cfg, name)
-        if v is not None and not v > 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {v}")
     try:
-        scale = get_scale(cfg.scale)
-    except ValueError as e:
-        raise InputError(f"--scale: {e}") from None
+        cfg.validate()
+    except RequestError as e:
+        raise InputError(f"--{e.field.replace('_', '-')}: {e}") from None
+    scale = get_scale(cfg.scale)
     if cfg.kd_epochs:
         scale = scale.replace(kd={"epochs": cfg.kd_epochs})
+    if cfg.remap:  # the distilled students' initialisation; the predictor's embeddings keep the scale's scheme
+        scale = scale.replace(kd={"remap": cfg.remap})
     ds_path = _dataset_path(cfg.dataset)
     teacher = None
     if cfg.teacher != "train":
@@ -164,19 +144,22 @@ def prepare(cfg: SearchConfig) -> Prepared:
         except ValueError as e:
             raise InputError(f"--teacher: {e}") from None
     try:
-        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root)
+        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root, classes=cfg.classes)
+    except RequestError as e:
+        raise InputError(f"--classes: {e}") from None
     except (DatasetError, ValueError) as e:
         raise InputError(f"--dataset: {e}") from None
     space = get_space(scale.space, data.num_classes)
     if teacher is not None:
         if teacher.space.num_classes != data.num_classes:
-            raise InputError(f"--teacher: its head has {teacher.space.num_classes} classes but the dataset "
-                             f"{ds_path} has {data.num_classes}")
+            what = "--classes names" if cfg.classes else f"the dataset {ds_path} has"
+            raise InputError(f"--teacher: its head has {teacher.space.num_classes} classes but {what} "
+                             f"{data.num_classes}")
         if dataclasses.replace(teacher.space, num_classes=space.num_classes) != space:
             raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
                              f"({teacher.space.image_size}px); this search uses {space.name!r}")
     try:
-        space.check_budget(max_flops=cfg.max_flops, max_params=cfg.max_params)
+        space.check_budget(max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
     except ValueError as e:
         raise InputError(f"budget: {e}") from None
     try:
@@ -185,7 +168,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
         raise InputError(f"--predictor: {e}") from None
     out = Path(cfg.output)
     try:
-        cfg.storage = resolve_storage(cfg.storage, out / "tune")
+        cfg = dataclasses.replace(cfg, storage=resolve_storage(cfg.storage, out / "tune"))
     except ValueError as e:
         raise InputError(f"--storage: {e}") from None
     if out.exists() and any(out.iterdir()) and not cfg.resume:
@@ -354,7 +337,7 @@ class SearchRun:
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self.state_path)
 
-    def run(self) -> dict:
+    def run(self) -> C.SearchResult:
         cfg, p = self.cfg, self.p
         try:
             self.events.emit("validate", 1, 1, f"dataset {cfg.dataset}: {p.data.num_classes} classes, "
@@ -368,8 +351,8 @@ class SearchRun:
             scored = self._score(teacher)
             trials = self._kd(teacher, scored)
             result = self._export(teacher, scored, trials)
-            self.events.emit("done", 1, 1, f"best student {result['best']['measured_acc']:.4f} "
-                             f"(teacher {result['teacher_acc']:.4f})")
+            self.events.emit("done", 1, 1, f"best student {result.best.measured_acc:.4f} "
+                             f"(teacher {result.teacher_acc:.4f})")
             return result
         except Exception as e:
             self.events.emit("failed", 0, 0, f"{type(e).__name__}: {e}")
@@ -400,7 +383,7 @@ class SearchRun:
         acc = evaluate(model, p.data.x_val, p.data.y_val)
         save_teacher(path, model, p.space, acc, p.data.class_names, half=True,
                      meta={"trained_by": "search", "history": res.history})
-        self.state["timings"]["teacher_s"] = round(time.time() - t0, 2)
+        self.state["timings"]["teacher"] = round(time.time() - t0, 2)
         self._save_state()
         return load_teacher(path)
 
@@ -412,8 +395,8 @@ class SearchRun:
             return pq.read_table(cp)
         t0 = time.time()
         rng = np.random.default_rng(cfg.seed)
-        archs = p.space.sample_many(rng, cfg.candidates, max_flops=cfg.max_flops, max_params=cfg.max_params)
-        self.state["timings"]["sample_s"] = round(time.time() - t0, 3)
+        archs = p.space.sample_many(rng, cfg.candidates, max_flops=cfg.max_flops or None,
+                                    max_params=cfg.max_params or None)
         n = len(archs)
         self.events.emit("embed", 0, n, f"embedding {n} candidates on {cfg.encoders} encoder actor(s), scoring "
                          f"on {cfg.predictors} predictor replica(s)")
@@ -427,12 +410,11 @@ class SearchRun:
             if done[0] % step < k or done[0] == n:
                 self.events.emit("score", done[0], n, "")
 
-        t1 = time.time()
         scores = score_candidates(teacher.state_dict, p.space, archs, p.predictor, teacher.val_acc,
                                   encoders=cfg.encoders, predictors=cfg.predictors, batch_size=cfg.batch_size,
                                   on_progress=on_progress)
         prog.close()
-        self.state["timings"]["score_s"] = round(time.time() - t1, 3)
+        self.state["timings"]["score"] = round(time.time() - t0, 3)  # sampling, embedding, scoring
         order = np.argsort(-scores, kind="mergesort")
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
@@ -497,8 +479,10 @@ class SearchRun:
             from ray.tune.schedulers import ASHAScheduler
 
             scheduler = ASHAScheduler(time_attr="epoch", max_t=p.scale.kd.epochs, grace_period=1, reduction_factor=2)
+        how = "".join([", ASHA early stopping" if cfg.asha else "",
+                       ", re-ranking the rest after each (re-adaptation)" if cfg.readapt else ""])
         self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} ({remaining} to run, "
-                         f"{p.scale.kd.epochs} epochs each)")
+                         f"{p.scale.kd.epochs} epochs each{how})")
         from ray.tune import PlacementGroupFactory
 
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, ctx=ctx),
@@ -512,7 +496,7 @@ class SearchRun:
                                  failure_config=tune.FailureConfig(max_failures=2)),
         )
         tuner.fit()
-        self.state["timings"]["kd_s"] = round(self.state["timings"].get("kd_s", 0) + time.time() - t0, 2)
+        self.state["timings"]["kd"] = round(self.state["timings"].get("kd", 0) + time.time() - t0, 2)
         self.state["readapt"] = bool(cfg.readapt)
         self._save_state()
         return self.trial_rows
@@ -539,7 +523,7 @@ class SearchRun:
 
         return rerank
 
-    def _export(self, teacher: TeacherCheckpoint, cands: pa.Table, trials: list[dict]) -> dict:
+    def _export(self, teacher: TeacherCheckpoint, cands: pa.Table, trials: list[dict]) -> C.SearchResult:
         p, cfg = self.p, self.cfg
         t0 = time.time()
         ok = [r for r in trials if r["status"] == "ok"]
@@ -560,34 +544,29 @@ class SearchRun:
         model.eval()
         torch.save({"format": "dass_ray.student/1", "arch": arch.to_dict(), "space": p.space.to_dict(),
                     "state_dict": sd, "class_names": list(p.data.class_names)}, self.out / "student.pt")
-        example = torch.zeros(1, 3, p.space.image_size, p.space.image_size)
-        with warnings.catch_warnings():  # shape checks are constants for this one architecture; trace is what
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a plain-torch consumer can load (jit.load)
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.trace(model, example)
-        scripted.save(str(self.out / "student.torchscript.pt"))
+        spec = spec_for(p.data, p.space.image_size)
+        export_student(model, spec, self.out / "student.torchscript.pt")
         row = cands.slice(best["index"], 1).to_pylist()[0]
-        self.state["timings"]["export_s"] = round(time.time() - t0, 3)
-        result = {
-            "best": {"arch": arch.to_dict(), "arch_json": arch.to_json(), "measured_acc": best["measured_acc"],
-                     "predicted_acc": best["predicted_acc"], "flops": int(row["flops"]), "params": int(row["params"]),
-                     "index": best["index"], "predicted_rank": int(row["rank"])},
-            "teacher_acc": teacher.val_acc,
-            "teacher_flops": int(p.space.flops(p.space.teacher())), "teacher_params": int(p.space.params(p.space.teacher())),
-            "timings": self.state["timings"], "candidates": cands.num_rows, "top_k": cfg.top_k,
-            "trials": [{k: r[k] for k in ("index", "predicted_acc", "measured_acc", "status")} for r in trials],
-            "budget": {"max_flops": cfg.max_flops, "max_params": cfg.max_params}, "readapt": cfg.readapt,
-            "warnings": list(self.warnings),
-            "dataset": cfg.dataset, "class_names": list(p.data.class_names),
-            "image_size": p.space.image_size, "normalize": {"mean": 0.5, "std": 0.5},
-        }
-        (self.out / "result.json").write_text(json.dumps(result, indent=1))
+        self.state["timings"]["export"] = round(time.time() - t0, 3)
+        req = {f.name: getattr(cfg, f.name) for f in C.REQUEST_FIELDS}
+        result = C.SearchResult(
+            best=C.StudentResult(arch=arch.to_dict(), arch_json=arch.to_json(), measured_acc=best["measured_acc"],
+                                 predicted_acc=best["predicted_acc"], flops=int(row["flops"]),
+                                 params=int(row["params"]), index=int(best["index"]),
+                                 predicted_rank=int(row["rank"])),
+            teacher_acc=teacher.val_acc, teacher_flops=int(p.space.flops(p.space.teacher())),
+            teacher_params=int(p.space.params(p.space.teacher())), candidates=cands.num_rows, top_k=cfg.top_k,
+            trials=[{k: r[k] for k in ("index", "predicted_acc", "measured_acc", "status")} for r in trials],
+            request=C.SearchRequest(**req).to_dict(), input_spec=spec, class_names=list(p.data.class_names),
+            timings_s={k: v for k, v in self.state["timings"].items() if k in C.TIMED_STAGES},
+            warnings=list(self.warnings))
+        result.write(self.out / C.RESULT_FILE)
         self._report(cands, trials, result)
         self.events.emit("export", 1, 1, "wrote student.pt, student.torchscript.pt, result.json, report.png")
         self._save_state()
         return result
 
-    def _report(self, cands: pa.Table, trials: list[dict], result: dict) -> None:
+    def _report(self, cands: pa.Table, trials: list[dict], result: C.SearchResult) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -610,7 +589,7 @@ class SearchRun:
         a2.set_zorder(a3.get_zorder() + 1)
         a2.patch.set_visible(False)
         a2.scatter([flops[r["index"]] for r in ok], [r["measured_acc"] for r in ok], c="C1", label="distilled (measured)")
-        a2.axhline(result["teacher_acc"], ls=":", c="k", lw=1, label="teacher")
+        a2.axhline(result.teacher_acc, ls=":", c="k", lw=1, label="teacher")
         if self.cfg.max_flops:
             a2.axvline(self.cfg.max_flops / 1e6, ls="--", c="C3", lw=1, label="FLOPs budget")
         a2.set_xlabel("MFLOPs")

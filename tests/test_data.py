@@ -88,7 +88,7 @@ def test_parquet_adapter_mnist(mnist):
     assert mnist.class_names == tuple(str(i) for i in range(10))
     assert np.array_equal(mnist.class_counts(), np.full(10, 500))
     # grayscale replicated to 3 identical channels; real digits are not blank
-    assert np.array_equal(mnist.images[..., 0], mnist.images[..., 2])
+    assert np.array_equal(mnist.images[..., 0], mnist.images[..., 2]) and mnist.channels == 1
     assert mnist.images.max() == 255 and mnist.images.mean() > 10
     assert mnist.source.endswith("mnist5k.parquet")
     assert "parquet" in list_adapters() and "imagefolder" in list_adapters()
@@ -104,7 +104,7 @@ def test_parquet_adapter_omniglot_and_resize():
 def test_subset_and_check_classes(mnist):
     sub = mnist.subset([0, 500, 4999])
     assert len(sub) == 3 and sub.labels.tolist() == [0, 1, 9] and sub.class_names == mnist.class_names
-    assert np.array_equal(sub.images[1], mnist.images[500])
+    assert np.array_equal(sub.images[1], mnist.images[500]) and sub.channels == 1
     check_classes(mnist, 10, "teacher head")
     with pytest.raises(DatasetError, match="teacher head expects 40 classes.*has 10"):
         check_classes(mnist, 40, "teacher head")
@@ -133,15 +133,16 @@ def test_npz_adapter(tmp_path, mnist):
     p = tmp_path / "a.npz"
     np.savez(p, images=gray, labels=sub.labels.astype(np.int32), class_names=np.array(sub.class_names))
     ds = load_dataset(p)
-    assert ds.images.shape == (20, 28, 28, 3) and np.array_equal(ds.images, sub.images)
+    assert ds.images.shape == (20, 28, 28, 3) and np.array_equal(ds.images, sub.images) and ds.channels == 1
     assert ds.class_names == sub.class_names and np.array_equal(ds.labels, sub.labels)
     p2 = tmp_path / "b.npz"
     np.savez(p2, images=sub.images, labels=sub.labels)  # RGB, no class names
     ds2 = load_dataset(p2, image_size=(16, 20))
     assert ds2.images.shape == (20, 16, 20, 3) and ds2.class_names == tuple(str(i) for i in range(10))
+    assert ds2.channels == 3
     p3 = tmp_path / "c.npz"
     np.savez(p3, images=gray[..., None], labels=sub.labels)
-    assert load_dataset(p3).images.shape == (20, 28, 28, 3)
+    assert load_dataset(p3).images.shape == (20, 28, 28, 3) and load_dataset(p3).channels == 1
 
 
 def test_imagefolder_adapter(tmp_path, small_table):
@@ -157,7 +158,7 @@ def test_imagefolder_adapter(tmp_path, small_table):
     assert ds.class_names == tuple(f"digit_{c}" for c in range(10))
     assert len(ds) == 30 and ds.labels.tolist() == labels and ds.images.shape == (30, 28, 28, 3)
     ref = load_dataset(_write(tmp_path, small_table, "ref.parquet"))
-    assert np.array_equal(ds.images, ref.images)
+    assert np.array_equal(ds.images, ref.images) and ds.channels == ref.channels == 1
 
 
 def test_imagefolder_mixed_sizes_resized_to_most_common(tmp_path, small_table):
@@ -370,7 +371,7 @@ def test_load_task_data(mnist):
     t = _tasks(mnist, classes_per_task=4)[0]
     tr, va = load_task_data(t, mnist)
     assert tr.num_classes == va.num_classes == 4 and tr.class_names == tuple(str(c) for c in t.classes)
-    assert len(tr) == 40 and len(va) == 20
+    assert len(tr) == 40 and len(va) == 20 and tr.channels == va.channels == 1
     assert np.array_equal(np.bincount(tr.labels), np.full(4, 10))
     assert np.array_equal(tr.images[0], mnist.images[t.train_indices[0]])
     assert t.classes[int(tr.labels[0])] == int(mnist.labels[t.train_indices[0]])

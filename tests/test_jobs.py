@@ -1,4 +1,4 @@
-"""The job runner (dass_ray.jobs): the SQLite job table / event log, reading a search's events.jsonl, and real
+"""The job runner (dass_ray.service.jobs): the SQLite job table / event log, reading a search's events.jsonl, and real
 searches run as detached local processes (re-attach after a restart, resume after the process is lost, bounded
 concurrency). The gRPC layer and Ray Jobs are covered in test_server.py."""
 from __future__ import annotations
@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from dass_ray import jobs as J
+from dass_ray.service import jobs as J
 from dass_ray.data import bundled_path
+from dass_ray.service.contract import RequestError, SearchRequest, request_from_args
 
 TEACHER = Path(J.__file__).resolve().parent / "assets" / "teachers" / "mnist5k_cpu.pt"
 
 
-def spec(**kw) -> J.SearchSpec:
-    d = dict(dataset="mnist5k", dataset_path=str(bundled_path("mnist5k")))
-    d.update(kw)
-    return J.SearchSpec(**d)
+def spec(dataset_path: str | None = None, teacher_path: str = "", dry_run: bool = False, **kw) -> J.SearchSpec:
+    """A submitted search: `kw` are SearchRequest knobs; no teacher path means "train one"."""
+    req = SearchRequest(dataset=dataset_path or str(bundled_path("mnist5k")), teacher=teacher_path or "train", **kw)
+    return J.SearchSpec(dataset_path or "mnist5k", req, teacher_path, dry_run)
 
 
 def wait_for(pred, timeout: float, what: str, step: float = 0.2):
@@ -132,25 +133,43 @@ def test_list_is_newest_first_and_pages_by_key(tmp_path):
 
 
 def test_spec_validation_names_the_field():
-    for kw, field in [(dict(max_flops=-1), "budget.max_flops"), (dict(max_params=-5), "budget.max_params"),
+    for kw, field in [(dict(max_flops=-1), "max_flops"), (dict(max_params=-5), "max_params"),
                       (dict(candidates=-1), "candidates"), (dict(candidates=5, top_k=6), "top_k"),
-                      (dict(kd_epochs=-2), "kd_epochs"), (dict(seed=-1), "seed")]:
-        with pytest.raises(J.SpecError) as e:
+                      (dict(kd_epochs=-2), "kd_epochs"), (dict(seed=-1), "seed"), (dict(candidates=2**31 - 1), "candidates"),
+                      (dict(kd_epochs=2**31 - 1), "kd_epochs"), (dict(remap="nope"), "remap")]:
+        with pytest.raises(RequestError) as e:
             spec(**kw).validate()
         assert e.value.field == field
     spec(candidates=5, top_k=5).validate()
 
 
 def test_search_args_follow_the_contract(tmp_path):
-    s = spec(teacher_path="/t.pt", max_flops=1000, candidates=20, top_k=2, kd_epochs=1, seed=3, scale="tiny")
-    a = s.search_args(tmp_path, resume=True, address="auto", extra=["--encoders", "1"])
-    assert a[:6] == ["--dataset", s.dataset_path, "--teacher", "/t.pt", "--output", str(tmp_path)]
+    s = spec(teacher_path="/t.pt", max_flops=1000, candidates=20, top_k=2, kd_epochs=1, seed=3, scale="tiny",
+             readapt=True, asha=True)
+    a = s.search_args(tmp_path, resume=True, address="auto", extra=["--num-cpus", "1"])
+    assert a[:4] == ["--dataset", s.request.dataset, "--teacher", "/t.pt"]
     for flag, v in [("--max-flops", "1000"), ("--candidates", "20"), ("--top-k", "2"), ("--kd-epochs", "1"),
-                    ("--seed", "3"), ("--scale", "tiny"), ("--address", "auto"), ("--encoders", "1")]:
+                    ("--seed", "3"), ("--scale", "tiny"), ("--address", "auto"), ("--num-cpus", "1"),
+                    ("--output", str(tmp_path))]:
         assert a[a.index(flag) + 1] == v
+    assert "--readapt" in a and "--asha" in a
     assert a[-1] == "--resume" and "--max-params" not in a
     assert spec().search_args(tmp_path, resume=False)[3] == "train"
     assert J.SearchSpec.from_dict(json.loads(s.canonical())) == s
+    # what search.py parses from that argv is the same request
+    from dass_ray.search_cli import parser
+
+    ns = parser().parse_args(a)
+    assert request_from_args(ns) == s.request
+
+
+def test_jobs_recorded_before_the_contract_still_load():
+    old = {"dataset": "sha256:" + "a" * 64, "dataset_path": "/state/blobs/d.parquet", "teacher": "", "teacher_path": "",
+           "max_flops": 0, "max_params": 0, "candidates": 24, "top_k": 0, "kd_epochs": 1, "seed": None, "scale": "tiny",
+           "dry_run": False}
+    s = J.SearchSpec.from_dict(old)
+    assert s.train_teacher and s.request.candidates == 24 and s.request.top_k == 5 and s.request.scale == "tiny"
+    assert s.request.dataset == "/state/blobs/d.parquet" and s.dataset == old["dataset"]
 
 
 def _write(path: Path, events: list[dict], tail: bytes = b"") -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-CORE = ["space", "nets", "remap", "embed", "predictor", "meta", "data", "kd"]
+CORE = ["space", "nets", "remap", "embed", "predictor", "meta", "data", "kd", "export"]
 FORBIDDEN = ("ray", "grpc")
 PKG = Path(__file__).resolve().parents[1] / "dass_ray"
 

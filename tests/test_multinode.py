@@ -347,7 +347,7 @@ def test_worker_node_lost_mid_kd_trial_restarts_from_checkpoint(mn, predictor_pa
 
     trials = pq.read_table(Path(c.output) / "trials.parquet").to_pylist()
     assert len(trials) == 2 and all(t["status"] == "ok" and t["epochs"] == epochs for t in trials)
-    assert result["best"]["measured_acc"] == max(t["measured_acc"] for t in trials)
+    assert result.best.measured_acc == max(t["measured_acc"] for t in trials)
     rows = _trial_results(tune_dir)[lost["trial"]]
     before = [r for r in rows if r["pid"] == lost["pid"]]
     again = [r for r in rows if r["pid"] != lost["pid"]]

@@ -11,6 +11,7 @@ import torch
 
 from dass_ray.data import bundled_path
 from dass_ray.search import DEFAULT_TEACHER, DaSSSearcher, InputError, SearchConfig, prepare
+from dass_ray.service import contract as C
 from dass_ray.space import get_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,17 +41,34 @@ def cfg(tmp_path, predictor_path, **kw):
     ({"dataset": "/nonexistent/data.parquet"}, "--dataset: /nonexistent/data.parquet does not exist"),
     ({"teacher": "/nonexistent/t.pt"}, "--teacher: .*not found"),
     ({"dataset": "omniglot_small"}, "head has 10 classes but the dataset .* has 242"),
-    ({"max_flops": 1000.0}, "budget: .*impossible"),
-    ({"top_k": 100, "candidates": 10}, "--top-k 100 exceeds --candidates 10"),
-    ({"candidates": 0}, "--candidates must be a positive integer"),
-    ({"max_params": -5.0}, "--max-params must be positive"),
+    ({"max_flops": 1000}, "budget: .*impossible"),
+    ({"top_k": 100, "candidates": 10}, r"--top-k: top_k \(100\) must not exceed candidates \(10\)"),
+    ({"candidates": 0}, r"--candidates: candidates must be in \[1, 1e\+06\], got 0"),
+    ({"candidates": 2**31 - 1}, "--candidates: candidates must be in"),
+    ({"kd_epochs": 2**31 - 1}, "--kd-epochs: kd_epochs must be in"),
+    ({"max_params": -5}, "--max-params: max_params must be in"),
+    ({"max_flops": 2.5e6}, "--max-flops: max_flops must be an integer"),
     ({"predictor": "/nonexistent/p.pt"}, "--predictor: .*not found"),
-    ({"scale": "huge"}, "--scale: unknown scale"),
+    ({"scale": "huge"}, "--scale: unknown scale 'huge'"),
+    ({"remap": "sideways"}, "--remap: unknown remap 'sideways'"),
+    ({"classes": ("0", "1", "2")}, "--teacher: its head has 10 classes but --classes names 3"),
+    ({"classes": ("0", "seven")}, "--classes: the dataset has no class 'seven'"),
     ({"storage": "nosuch://bucket/x"}, "--storage: 'nosuch://bucket/x' is not a storage URI"),
 ])
 def test_bad_inputs_are_rejected_before_ray(tmp_path, predictor_path, kw, msg):
     with pytest.raises(InputError, match=msg):
         prepare(cfg(tmp_path, predictor_path, **kw))
+
+
+def test_classes_pick_a_subset_of_the_dataset(tmp_path, predictor_path):
+    from dass_ray.data import load_dataset
+
+    names = load_dataset(bundled_path("mnist5k")).class_names
+    p = prepare(cfg(tmp_path, predictor_path, teacher="train", classes=(names[7], "3")))
+    assert p.data.class_names == (names[3], names[7])  # in the dataset's label order
+    assert set(p.data.y_train.tolist()) == {0, 1} and set(p.data.y_val.tolist()) == {0, 1}
+    full = prepare(cfg(tmp_path / "b", predictor_path, teacher="train"))
+    assert len(p.data.y_train) * 5 == len(full.data.y_train)  # the same images per class
 
 
 def test_corrupt_dataset_names_the_row(tmp_path, predictor_path):
@@ -207,10 +225,13 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert all(t["status"] == "ok" and 0 <= t["measured_acc"] <= 1 for t in trials)
     assert all(t["checkpoint"].startswith(str(store / "kd")) for t in trials), [t["checkpoint"] for t in trials]
     assert not (out / "tune").exists()
-    assert result["best"]["measured_acc"] == max(t["measured_acc"] for t in trials)
+    assert result.best.measured_acc == max(t["measured_acc"] for t in trials)
     assert (out / "report.png").stat().st_size > 1000
+    assert result.input_spec.to_dict() == {"height": 28, "width": 28, "channels": 1, "model_size": 32, "mean": 0.5,
+                                           "std": 0.5, "dtype": "uint8"}  # mnist5k: 28x28 grayscale
+    assert C.SearchResult.read(out / "result.json") == result and set(result.timings_s) <= set(C.TIMED_STAGES)
     ts = torch.jit.load(str(out / "student.torchscript.pt"))
-    assert ts(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert ts(torch.zeros(2, 28, 28, 1, dtype=torch.uint8)).shape == (2, 10)
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[-1]["stage"] == "done"

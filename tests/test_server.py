@@ -1,17 +1,20 @@
-"""The gRPC front door on a real server bound to a loopback port, with a real local Ray head for the searches.
+"""The gRPC front door on a real server bound to a loopback port.
 
-The module starts its own Ray head (private temp dir and ports; stopped by killing only the processes it
-started) and a `dass-ray serve --address <that head's dashboard>` subprocess, which the tests kill and restart.
-Slow tests run the real scripts/search.py at the tiny scale as Ray Jobs.
+Fast tests talk to a `dass-ray serve` subprocess that never starts Ray (they validate, dry-run and queue). Slow
+tests start a Ray head (private temp dir and ports; stopped by killing only the processes it started) and a
+`dass-ray serve --address <that head's dashboard>`, which they kill and restart, and run the real
+scripts/search.py at the tiny scale as Ray Jobs; one runs searches on the local head a server starts itself.
 """
 from __future__ import annotations
 
 import io
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -20,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dass_ray.client import TERMINAL, ClientError, SearchClient, sha256_file, state_name
+from dass_ray.service.client import TERMINAL, ClientError, SearchClient, sha256_file, state_name
 from dass_ray.data import bundled_path
 from dass_ray.v1 import search_pb2 as pb
 
@@ -41,7 +44,7 @@ from raytools import RayHead, free_ports, kill_under  # noqa: E402  (shared with
 
 
 class Server:
-    """`python -m dass_ray.cli serve` as a subprocess on a fixed port and state dir (restartable)."""
+    """`python -m dass_ray.service.cli serve` as a subprocess on a fixed port and state dir (restartable)."""
 
     def __init__(self, state_dir: Path, token_file: Path, address: str | None, env: dict):
         self.state_dir, self.token_file, self.address, self.env = state_dir, token_file, address, env
@@ -50,7 +53,7 @@ class Server:
         self.log = state_dir.parent / "server.log"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "dass_ray.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "dass_ray.service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--state-dir", str(self.state_dir), "--token-file", str(self.token_file), "--grace", "3",
                "--max-upload-mb", str(UPLOAD_CAP_MB), "--encoders", "1", "--predictors", "1", "-v"]
         if self.address:
@@ -101,8 +104,23 @@ def ray_head():
 
 
 @pytest.fixture(scope="module")
-def server(ray_head, token_file, tmp_path_factory):
+def server(token_file, tmp_path_factory):
+    """A server without --address: it would start its own local Ray head on the first search, but the fast tests
+    here only validate, dry-run and queue, so no head is ever started."""
     state = tmp_path_factory.mktemp("svc") / "state"
+    tmp = tempfile.mkdtemp(prefix="dsv", dir="/tmp")
+    srv = Server(state, token_file, None, dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled"))
+    srv.start()
+    yield srv
+    srv.stop()
+    kill_under(tmp)
+    assert not (state / "ray_head.json").exists(), "a fast test started a Ray head"
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_head, token_file, tmp_path_factory):
+    """A server whose searches run as Ray Jobs on this module's head (`--address`)."""
+    state = tmp_path_factory.mktemp("rsvc") / "state"
     srv = Server(state, token_file, ray_head.address, ray_head.env)
     srv.start()
     yield srv
@@ -116,6 +134,12 @@ def client(srv: Server, who: str = "alice", **kw) -> SearchClient:
 @pytest.fixture
 def alice(server):
     with client(server, "alice") as c:
+        yield c
+
+
+@pytest.fixture
+def ray_alice(ray_server):
+    with client(ray_server, "alice") as c:
         yield c
 
 
@@ -265,8 +289,12 @@ def test_hostile_uploads_answer_the_right_status_and_leave_the_server_healthy(se
     msg = expect(IA, raw_upload, alice, [header(bad), pb.UploadChunk(data=bad)], contains="row 7")
     assert "image" in msg and "d.parquet" in msg
     junk = os.urandom(5000)
-    expect(IA, raw_upload, alice, [header(junk, name="t.pt"), pb.UploadChunk(data=junk)], method="UploadTeacher",
-           contains="teacher")
+    for name, method, words in [("t.pt", "UploadTeacher", "t.pt: not a readable teacher checkpoint"),
+                                ("d.npz", "UploadDataset", "d.npz: not a readable .npz file (expected a NumPy archive"),
+                                ("d.parquet", "UploadDataset", "d.parquet: not a readable Parquet file (expected")]:
+        msg = expect(IA, raw_upload, alice, [header(junk, name=name), pb.UploadChunk(data=junk)], method=method,
+                     contains=words)  # one line a user understands: no exception text, no server path
+        assert "\n" not in msg and "Error" not in msg and str(server.state_dir) not in msg, msg
     # A client that gives up mid-stream: the server drops the partial file.
     gate = threading.Event()
 
@@ -316,7 +344,7 @@ def test_submit_validation(alice, tmp_path):
     ds = alice.upload_dataset(p)
     assert ds.num_classes == 3
     expect(IA, alice.submit, dataset_id=ds.dataset_id, teacher_path=str(TEACHER), dry_run=True,
-           contains="10 classes but the dataset has 3")
+           contains="10 classes but the search has 3")
     assert alice.health() == "SERVING"
 
 
@@ -355,7 +383,7 @@ def test_dry_run_jobs_request_ids_and_listing(alice):
 
 
 def test_cli_session_and_one_line_errors(server, tmp_path, capsys):
-    from dass_ray.cli import main
+    from dass_ray.service.cli import main
 
     tok = tmp_path / "alice.token"
     tok.write_text(TOKENS["alice"] + "\n")
@@ -381,13 +409,73 @@ def test_cli_session_and_one_line_errors(server, tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("dass-ray: error:") and words in err, err
 
 
+def test_server_process_loads_neither_torch_nor_ray_and_stays_small(server, alice):
+    """Uploads are decoded by check worker processes; searches are Ray Jobs submitted over HTTP: the server's own
+    process maps no libtorch and no Ray library, even after validating an upload and a teacher."""
+    alice.upload_dataset(MNIST)
+    alice.upload_teacher(TEACHER)
+    pid = server.proc.pid
+    libs = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if ".so" in line}
+    heavy = sorted(x for x in libs if "libtorch" in x or "_raylet" in x or "/ray/" in x)
+    assert not heavy, heavy
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    assert rss_kb < 300 * 1024, f"server resident size {rss_kb / 1024:.0f} MB"
+
+
+def test_client_server_and_contract_import_neither_torch_nor_ray():
+    code = ("import sys, dass_ray.service.client, dass_ray.service.cli, dass_ray.service.contract, "
+            "dass_ray.service.server; print(','.join(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"imported: {out}"
+
+
+def test_every_knob_of_the_contract_is_a_proto_field():
+    from dass_ray.service import contract as C
+
+    sub, spec = pb.SubmitSearchRequest.DESCRIPTOR.fields_by_name, pb.SearchSpec.DESCRIPTOR.fields_by_name
+    assert {"readapt", "asha", "remap", "classes", "max_concurrent", "seed", "candidates", "top_k",
+            "kd_epochs"} <= set(sub)
+    for path in C.proto_fields():
+        top = path.split(".")[0]
+        assert top in sub and top in spec, path
+    req = C.SearchRequest(dataset="d", teacher="t", candidates=50, top_k=3, readapt=True, asha=True, remap="uniform",
+                          classes=("a", "b"), max_flops=10**7, seed=7, kd_epochs=2, max_concurrent=3)
+    m = pb.SubmitSearchRequest()
+    C.request_to_proto(req, m)
+    assert C.request_from_proto(pb.SubmitSearchRequest.FromString(m.SerializeToString()), dataset="d",
+                                teacher="t") == req
+
+
+def test_limits_unknown_classes_and_undecodable_requests(alice):
+    IA, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    ok = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True)
+    for kw, code, words in [(dict(candidates=2**31 - 1), IA, "candidates"), (dict(kd_epochs=2**31 - 1), IA, "kd_epochs"),
+                            (dict(candidates=200_000), RE, "--max-candidates"), (dict(kd_epochs=51), RE, "kd_epochs"),
+                            (dict(max_concurrent=300), RE, "max_concurrent"), (dict(remap="nope"), IA, "remap"),
+                            (dict(classes=["0", "1", "2"]), IA, "10 classes but the search has 3"),
+                            (dict(classes=["zzz", "0"]), IA, "no class 'zzz'"), (dict(classes=["1", "1"]), IA, "twice")]:
+        expect(code, alice.submit, contains=words, **ok, **kw)
+    job = alice.submit(**ok, readapt=True, asha=True, remap="uniform", kd_epochs=2)
+    assert (job.spec.readapt, job.spec.asha, job.spec.remap, job.spec.kd_epochs) == (True, True, "uniform", 2)
+    # Bytes that are no valid message (a string field that is not UTF-8) answer INVALID_ARGUMENT, not INTERNAL.
+    raw = alice.channel.unary_unary("/dass_ray.v1.SearchService/SubmitSearch")
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\x0a\x02\xff\xfe", metadata=alice._md, timeout=10)  # field 1 (request_id) = bytes ff fe
+    assert e.value.code() == IA and "not a valid dass_ray.v1.SubmitSearchRequest" in e.value.details()
+    up = alice.channel.stream_unary("/dass_ray.v1.SearchService/UploadDataset")
+    with pytest.raises(grpc.RpcError) as e:  # header.filename = bytes ff fe
+        up(iter([b"\x0a\x04\x0a\x02\xff\xfe"]), metadata=alice._md, timeout=10)
+    assert e.value.code() == IA and "UploadChunk" in e.value.details()
+    assert alice.health() == "SERVING"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # In-process servers (no Ray): queue, deadlines, drain, TLS
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _inproc(tmp_path, token_file, **kw):
-    from dass_ray.server import ServerConfig, create_server
+    from dass_ray.service.server import ServerConfig, create_server
 
     cfg = ServerConfig(state_dir=tmp_path / "state", token_file=token_file, port=0, host="127.0.0.1", **kw)
     return create_server(cfg)
@@ -492,7 +580,8 @@ def test_tls_with_a_self_signed_certificate(tmp_path, token_file):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_end_to_end_across_server_restarts(server, ray_head, alice, tmp_path):
+def test_end_to_end_across_server_restarts(ray_server, ray_head, ray_alice, tmp_path):
+    server, alice = ray_server, ray_alice
     """upload -> submit -> watch (SIGTERM drain, then SIGKILL, each followed by a restart, while a reconnecting
     watcher follows) -> result -> download a TorchScript student that runs with plain torch."""
     ds = alice.upload_dataset(MNIST)
@@ -549,7 +638,7 @@ def test_end_to_end_across_server_restarts(server, ray_head, alice, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch suggests torch.export; TorchScript is the contract
         model = torch.jit.load(str(path))
-    out = model(torch.zeros(2, 3, 32, 32))
+    out = model(torch.zeros(2, 28, 28, 1, dtype=torch.uint8))  # mnist5k images at their native size
     assert out.shape == (2, 10)
     assert alice.download(job.job_id, "report", tmp_path).read_bytes()[:4] == b"\x89PNG"
 
@@ -561,7 +650,8 @@ def _search_running(c, job_id):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_cancel_a_running_search(server, ray_head, alice, capsys, monkeypatch):
+def test_cancel_a_running_search(ray_server, ray_head, ray_alice, capsys, monkeypatch):
+    server, alice = ray_server, ray_alice
     job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **dict(TINY, top_k=4, kd_epochs=3))
     j = _search_running(alice, job.job_id)
     assert state_name(j.state) == "RUNNING", j.error
@@ -574,7 +664,7 @@ def test_cancel_a_running_search(server, ray_head, alice, capsys, monkeypatch):
     assert ray_head.job_status(f"dass-{job.job_id}-{final.attempts}") in ("STOPPED", "FAILED")
     expect(grpc.StatusCode.FAILED_PRECONDITION, alice.cancel, job.job_id)
     expect(grpc.StatusCode.FAILED_PRECONDITION, alice.result, job.job_id, contains="CANCELLED")
-    from dass_ray.cli import main  # the CLI states how the job ended, in one line, and exits 1
+    from dass_ray.service.cli import main  # the CLI states how the job ended, in one line, and exits 1
 
     monkeypatch.setenv("DASS_RAY_TOKEN", TOKENS["alice"])
     monkeypatch.delenv("DASS_RAY_TOKEN_FILE", raising=False)
@@ -586,7 +676,8 @@ def test_cancel_a_running_search(server, ray_head, alice, capsys, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ray_head_restart_resumes_from_the_saved_stage(server, ray_head, alice):
+def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray_alice):
+    alice = ray_alice
     job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **TINY)
     wait_job(alice, job.job_id, lambda j: j.stage == "kd" or j.state in TERMINAL, 300, "the KD stage")
     j = alice.get_job(job.job_id)

@@ -11,12 +11,15 @@ Client commands read --server / --token-file from $DASS_RAY_SERVER / $DASS_RAY_T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+
+from dass_ray.service.contract import Caps, add_request_arguments, knobs_from_args
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -38,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="[::]", help="interface to bind (default all)")
     s.add_argument("--state-dir", required=True, help="job table, event log, uploads and results live here")
     s.add_argument("--token-file", required=True, help="one 'client-name token' pair per line")
-    s.add_argument("--address", help="Ray dashboard address (http://HEAD:8265): run searches as Ray Jobs; "
-                                     "default: detached local processes")
+    s.add_argument("--address", help="dashboard address of the Ray cluster the searches run on "
+                   "(http://HEAD:8265); default: one local Ray head, started on the first search and kept for "
+                   "the next server")
+    s.add_argument("--ray-num-cpus", type=int, help="CPUs of that local head (default: all)")
     s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key")
     s.add_argument("--max-running", type=int, default=1, help="searches run at once; the rest queue (default 1)")
@@ -51,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory clients may name by path (repeatable; default: bundled data and "
                         "../shared/datasets)")
     s.add_argument("--search-cmd", help="command that runs one search (default: python scripts/search.py)")
-    s.add_argument("--encoders", type=int, help="passed to every search as --encoders")
-    s.add_argument("--predictors", type=int, help="passed to every search as --predictors")
+    s.add_argument("--encoders", type=int, help="encoder actors of a search that does not ask for a number")
+    s.add_argument("--predictors", type=int, help="predictor replicas of a search that does not ask for a number")
+    for f in dataclasses.fields(Caps):  # per-search limits: over one, a submit answers RESOURCE_EXHAUSTED
+        s.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+                       help=f"largest {f.name[4:].replace('_', ' ')} one search may ask for (default {f.default})")
     s.add_argument("-v", "--verbose", action="store_true")
 
     s = sub.add_parser("submit", help="upload a dataset (and teacher) and queue a search")
@@ -65,13 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", help="local teacher checkpoint to upload (default: the service trains one)")
     g.add_argument("--teacher-id", help="an id answered by an earlier upload")
     g.add_argument("--teacher-path", help="absolute path the cluster can read")
-    s.add_argument("--max-flops", type=float, default=0, help="FLOPs budget of one forward pass (0: none)")
-    s.add_argument("--max-params", type=float, default=0, help="parameter budget (0: none)")
-    s.add_argument("--candidates", type=int, default=0, help="candidates to score (0: default)")
-    s.add_argument("--top-k", type=int, default=0, help="students to distil (0: default)")
-    s.add_argument("--kd-epochs", type=int, default=0, help="KD epochs per student (0: default)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--scale", default="", help="cpu | tiny (default: the search's)")
+    add_request_arguments(s, service=True)  # every per-search knob of the contract
     s.add_argument("--request-id", help="idempotency key (default: a fresh one)")
     s.add_argument("--dry-run", action="store_true", help="validate and record only")
     s.add_argument("--watch", action="store_true", help="show progress until the job ends")
@@ -106,24 +108,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(a) -> int:
-    from dass_ray.server import ServerConfig, default_data_roots, serve
+    from dass_ray.service.server import ServerConfig, default_data_roots, serve
 
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dass_ray").setLevel(logging.INFO)
-    extra = []
-    if a.encoders:
-        extra += ["--encoders", str(a.encoders)]
-    if a.predictors:
-        extra += ["--predictors", str(a.predictors)]
+    defaults = {k: getattr(a, k) for k in ("encoders", "predictors") if getattr(a, k)}
+    caps = Caps(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Caps)})
     import shlex
 
     cfg = ServerConfig(state_dir=Path(a.state_dir), token_file=Path(a.token_file), port=a.port, host=a.host,
-                       address=a.address, tls_cert=a.tls_cert and Path(a.tls_cert),
+                       address=a.address, ray_num_cpus=a.ray_num_cpus, tls_cert=a.tls_cert and Path(a.tls_cert),
                        tls_key=a.tls_key and Path(a.tls_key), max_running=a.max_running, max_queued=a.max_queued,
                        max_upload_bytes=int(a.max_upload_mb * (1 << 20)), workers=a.workers, grace_s=a.grace,
                        data_roots=[Path(d) for d in a.data_root] if a.data_root else default_data_roots(),
-                       search_cmd=shlex.split(a.search_cmd) if a.search_cmd else None, search_extra_args=extra)
+                       search_cmd=shlex.split(a.search_cmd) if a.search_cmd else None, search_defaults=defaults,
+                       caps=caps)
     try:
         return serve(cfg)
     except (OSError, ValueError) as e:
@@ -132,7 +132,7 @@ def _serve(a) -> int:
 
 
 def _client(a):
-    from dass_ray.client import ClientError, SearchClient, read_token
+    from dass_ray.service.client import ClientError, SearchClient, read_token
 
     if a.token_file:
         token = read_token(a.token_file)
@@ -149,7 +149,7 @@ def _fmt_time(t: float) -> str:
 
 def _follow(c, job_id: str, from_sequence: int = 0) -> int:
     """Print progress until the job ends; 0 if it succeeded, 1 otherwise."""
-    from dass_ray.client import state_name
+    from dass_ray.service.client import state_name
 
     tty = sys.stderr.isatty()
     bar, bar_stage, last = None, None, None
@@ -184,7 +184,7 @@ def _follow(c, job_id: str, from_sequence: int = 0) -> int:
 
 
 def _submit(a) -> int:
-    from dass_ray.client import ClientError, state_name
+    from dass_ray.service.client import ClientError, state_name
 
     with _client(a) as c:
         kw = {}
@@ -211,9 +211,7 @@ def _submit(a) -> int:
             kw["teacher_path"] = a.teacher_path
         else:
             kw["train_teacher"] = True
-        job = c.submit(**kw, max_flops=int(a.max_flops), max_params=int(a.max_params), candidates=a.candidates,
-                       top_k=a.top_k, kd_epochs=a.kd_epochs, seed=a.seed, scale=a.scale, dry_run=a.dry_run,
-                       request_id=a.request_id)
+        job = c.submit(**kw, **knobs_from_args(a), dry_run=a.dry_run, request_id=a.request_id)
         print(job.job_id)
         if not a.watch:
             print(f"job {job.job_id} {state_name(job.state).lower()}; follow it with: dass-ray watch {job.job_id}",
@@ -223,7 +221,7 @@ def _submit(a) -> int:
 
 
 def _jobs(a) -> int:
-    from dass_ray.client import state_name
+    from dass_ray.service.client import state_name
     from google.protobuf.json_format import MessageToDict
 
     with _client(a) as c:
@@ -241,7 +239,7 @@ def _jobs(a) -> int:
 
 
 def _result(a) -> int:
-    from dass_ray.client import ARTIFACTS
+    from dass_ray.service.client import ARTIFACTS
 
     with _client(a) as c:
         r = c.result(a.job_id)
@@ -266,7 +264,7 @@ def _result(a) -> int:
 
 
 def _cancel(a) -> int:
-    from dass_ray.client import TERMINAL, state_name
+    from dass_ray.service.client import TERMINAL, state_name
 
     with _client(a) as c:
         job = c.cancel(a.job_id)
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.cmd == "serve":
         return _serve(a)
-    from dass_ray.client import ClientError
+    from dass_ray.service.client import ClientError
 
     try:
         return {"submit": _submit, "jobs": _jobs, "watch": lambda a: _follow_cmd(a), "result": _result,

@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dass_ray.fileutil import sha256_file
+from dass_ray.service.contract import ARTIFACTS as CONTRACT_ARTIFACTS
+from dass_ray.service.contract import set_proto_knobs
 
 try:
     from dass_ray.v1 import search_pb2 as pb
@@ -35,9 +37,7 @@ CHUNK = 1 << 20
 STATES = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING, "succeeded": pb.JOB_STATE_SUCCEEDED,
           "failed": pb.JOB_STATE_FAILED, "cancelled": pb.JOB_STATE_CANCELLED}
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-ARTIFACTS = {"torchscript": pb.ARTIFACT_KIND_TORCHSCRIPT, "weights": pb.ARTIFACT_KIND_WEIGHTS,
-             "report": pb.ARTIFACT_KIND_REPORT, "candidates": pb.ARTIFACT_KIND_CANDIDATES,
-             "trials": pb.ARTIFACT_KIND_TRIALS}
+ARTIFACTS = {kind: getattr(pb, f"ARTIFACT_KIND_{kind.upper()}") for kind in CONTRACT_ARTIFACTS}
 
 
 def state_name(state: int) -> str:
@@ -153,15 +153,14 @@ class SearchClient:
 
     def submit(self, *, dataset_id: str | None = None, dataset_path: str | None = None,
                teacher_id: str | None = None, teacher_path: str | None = None, train_teacher: bool = False,
-               max_flops: int = 0, max_params: int = 0, candidates: int = 0, top_k: int = 0, kd_epochs: int = 0,
-               seed: int | None = None, scale: str = "", dry_run: bool = False,
-               request_id: str | None = None) -> pb.Job:
-        """Queue a search. A fresh `request_id` is made when none is given, so the call is retried safely
-        (never two jobs) when the server is briefly unavailable."""
-        req = pb.SubmitSearchRequest(request_id=request_id or uuid.uuid4().hex,
-                                     budget=pb.Budget(max_flops=max_flops, max_params=max_params),
-                                     candidates=candidates, top_k=top_k, kd_epochs=kd_epochs, scale=scale,
-                                     dry_run=dry_run)
+               dry_run: bool = False, request_id: str | None = None, **knobs) -> pb.Job:
+        """Queue a search. `knobs`: any per-search field of the contract (dass_ray.service.contract.REQUEST_FIELDS
+        with a proto path: candidates, top_k, kd_epochs, seed, scale, remap, readapt, asha, classes, max_flops,
+        max_params, max_concurrent, encoders, predictors, batch_size); unset ones take the search's defaults.
+        A fresh `request_id` is made when none is given, so the call is retried safely (never two jobs) when the
+        server is briefly unavailable."""
+        req = pb.SubmitSearchRequest(request_id=request_id or uuid.uuid4().hex, dry_run=dry_run)
+        set_proto_knobs(req, **knobs)
         if dataset_id is not None:
             req.dataset_id = dataset_id
         elif dataset_path is not None:
@@ -172,8 +171,6 @@ class SearchClient:
             req.teacher_path = teacher_path
         elif train_teacher:
             req.train_teacher = True
-        if seed is not None:
-            req.seed = seed
         return self._call(self.stub.SubmitSearch, req, retry_unavailable=3)
 
     def get_job(self, job_id: str) -> pb.Job:

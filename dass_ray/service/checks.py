@@ -1,0 +1,181 @@
+"""Checks of uploads and requests that need torch, run in worker processes so the server process stays light.
+
+The server (`Checker`) never imports torch or Ray: it sends each check (a JSON line) to a few worker processes
+(`python -m dass_ray.service.checks`) that import the project's dataset adapters and checkpoint loader. A check answers `(info, None)` or `(None, reason)`:
+the reason is one line a user understands, naming the file as the client knows it (`shown`) and never a server
+path or an internal exception's text (those go to the server log). A worker that dies (a hostile file crashing a
+decoder, memory) fails only that check and is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+
+log = logging.getLogger("dass_ray.checks")
+
+_FORMAT_HINT = {".parquet": "a Parquet file with columns image (PNG/JPEG bytes), label (int) and label_name",
+                ".npz": "a NumPy .npz archive with arrays images [N, H, W] or [N, H, W, C] and labels [N]"}
+
+
+def _scrub(msg: str, path: str, shown: str) -> str:
+    return " ".join(msg.replace(path, shown).split())[:500]
+
+
+def dataset_info(path: str, shown: str) -> tuple[dict | None, str | None]:
+    """Decode a dataset file with the project's adapters: its classes, size and image shape."""
+    from pathlib import Path
+
+    from dass_ray.data import DatasetError, load_dataset
+
+    try:
+        ds = load_dataset(path)
+    except DatasetError as e:  # the adapters' own messages name the row and field
+        return None, _scrub(str(e), path, shown)
+    except Exception as e:  # noqa: BLE001 - a hostile file may break a decoder in any way
+        log.warning("dataset %s (%s) unreadable: %r", shown, path, e)
+        hint = _FORMAT_HINT.get(Path(path).suffix.lower(), "a .parquet or .npz dataset")
+        return None, f"{shown}: not a readable dataset (expected {hint})"
+    if len(ds) == 0:
+        return None, f"{shown}: no images"
+    h, w = ds.image_size
+    names = [str(n) for n in ds.class_names]
+    return {"num_classes": ds.num_classes, "num_images": len(ds), "image_height": h, "image_width": w,
+            "class_names": names[:20], "all_class_names": names}, None
+
+
+def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
+    """Load a teacher checkpoint: its head width, input size, recorded accuracy and search space."""
+    from dass_ray.kd import load_teacher
+
+    try:
+        ck = load_teacher(path)
+    except ValueError as e:
+        log.warning("teacher %s (%s) refused: %r (cause %r)", shown, path, e, e.__cause__)
+        return None, _scrub(str(e), path, shown)
+    except Exception as e:  # noqa: BLE001
+        log.warning("teacher %s (%s) unreadable: %r", shown, path, e)
+        return None, f"{shown}: not a readable teacher checkpoint (expected a file written by train_teacher.py)"
+    return {"num_classes": int(ck.space.num_classes), "image_size": int(ck.space.image_size),
+            "val_acc": float(ck.val_acc), "space": ck.space.name}, None
+
+
+def budget(scale: str, num_classes: int, max_flops: int, max_params: int) -> tuple[dict | None, str | None]:
+    """Whether any student of the scale's space fits the budget."""
+    from dass_ray.config import get_scale
+    from dass_ray.space import get_space
+
+    try:
+        space = get_space(get_scale(scale).space, num_classes=num_classes)
+        space.check_budget(max_flops=max_flops or None, max_params=max_params or None)
+    except ValueError as e:
+        return None, " ".join(str(e).split())[:500]
+    return {}, None
+
+
+_CHECKS = {"dataset": dataset_info, "teacher": teacher_info, "budget": budget}
+
+
+def _worker_main() -> int:
+    """`python -m dass_ray.service.checks`: answer one JSON request line per line on stdin."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's own pipe; library prints go to stderr
+    os.dup2(2, 1)
+    import dass_ray.data  # noqa: F401 - import torch and the adapters before the first request
+    import dass_ray.kd  # noqa: F401
+
+    proto.write("ready\n")
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            info, err = _CHECKS[req["op"]](**req["kw"])
+        except Exception as e:  # noqa: BLE001 - never let one request kill the worker
+            log.exception("check failed")
+            info, err = None, f"the check failed ({type(e).__name__})"
+        proto.write(json.dumps([info, err]) + "\n")
+    return 0
+
+
+class _Worker:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "dass_ray.service.checks"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        self.ready = False
+
+    def _readline(self, timeout_s: float) -> str:
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not r:
+            raise TimeoutError
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    def call(self, op: str, kw: dict, timeout_s: float):
+        if not self.ready:
+            if self._readline(timeout_s).strip() != "ready":
+                raise EOFError
+            self.ready = True
+        self.proc.stdin.write(json.dumps({"op": op, "kw": kw}) + "\n")
+        self.proc.stdin.flush()
+        return tuple(json.loads(self._readline(timeout_s)))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
+
+
+class Checker:
+    """`workers` worker processes (`python -m dass_ray.service.checks`, started on first use or by `warm()`)
+    that run the checks above, one request at a time each. A worker that crashes or times out is replaced."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 300.0):
+        self.workers, self.timeout_s = workers, timeout_s
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def warm(self) -> None:
+        """Start the workers now (they import torch while the server already answers)."""
+        with self._lock:
+            while len(self._all) < self.workers and not self._closed:
+                w = _Worker()
+                self._all.append(w)
+                self._idle.put(w)
+
+    def call(self, op: str, **kw) -> tuple[dict | None, str | None]:
+        self.warm()
+        w = self._idle.get()
+        try:
+            out = w.call(op, kw, self.timeout_s)
+        except (EOFError, OSError, ValueError, TimeoutError) as e:
+            log.error("a %s check lost its worker process (%s); starting another", op, type(e).__name__)
+            with self._lock:
+                self._all.remove(w)
+            w.kill()
+            self.warm()
+            if isinstance(e, TimeoutError):
+                return None, f"the check took longer than {self.timeout_s:.0f} s (the file is too large or malformed)"
+            return None, "the file could not be checked (it crashed the validator); it is not a valid upload"
+        self._idle.put(w)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers, self._all = self._all, []
+        for w in workers:
+            w.kill()
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main())

@@ -1,0 +1,432 @@
+"""The durable job table, event log and uploads table (SQLite in WAL mode under the state directory), and what a
+submitted search is (`SearchSpec`). They survive a restart of the server."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from dass_ray.service.contract import SearchRequest
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What to run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """One submitted search: the `SearchRequest` it runs (its dataset/teacher resolved to files the workers read;
+    teacher "train" when one is trained) and the dataset/teacher as the client named them ("sha256:<hex>" or a
+    path; teacher "" when trained)."""
+
+    dataset: str
+    request: SearchRequest
+    teacher: str = ""
+    dry_run: bool = False
+
+    @property
+    def train_teacher(self) -> bool:
+        return self.request.teacher == "train"
+
+    def validate(self) -> "SearchSpec":
+        """Raise RequestError (naming the request field) for values no search can run with."""
+        self.request.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "teacher": self.teacher, "dry_run": self.dry_run,
+                "request": self.request.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSpec":
+        if "request" not in d:  # a job recorded before the search contract (dataset_path, 0 = default, ...)
+            req = {"dataset": d["dataset_path"], "teacher": d.get("teacher_path") or "train"}
+            for k in ("max_flops", "max_params", "candidates", "top_k", "kd_epochs", "seed", "scale"):
+                if d.get(k):
+                    req[k] = d[k]
+            return cls(d["dataset"], SearchRequest(**req), d.get("teacher", ""), bool(d.get("dry_run")))
+        return cls(d["dataset"], SearchRequest.from_dict(d["request"]), d.get("teacher", ""), bool(d["dry_run"]))
+
+    def canonical(self) -> str:
+        """Canonical JSON: equal requests give equal strings (for idempotent submits)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def search_args(self, output: Path, *, resume: bool, address: str | None = None,
+                    extra: Iterable[str] = ()) -> list[str]:
+        """The search job contract's command-line arguments (after the program)."""
+        a = self.request.to_argv() + ["--output", str(output)]
+        if address:
+            a += ["--address", address]
+        a += list(extra)
+        if resume:
+            a.append("--resume")
+        return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The durable store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One row of the job table."""
+
+    job_id: str
+    owner: str
+    request_id: str
+    spec: SearchSpec
+    state: str
+    stage: str
+    done: int
+    total: int
+    message: str
+    error: str
+    created: float
+    started: float
+    finished: float
+    attempts: int
+    backend: str
+    handle: str
+    cancel_requested: bool
+    next_seq: int
+    qorder: float
+    events_offset: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def last_sequence(self) -> int:
+        return self.next_seq - 1
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's event log; `seq` is gapless from 0 per job."""
+
+    job_id: str
+    seq: int
+    time: float
+    stage: str
+    done: int
+    total: int
+    message: str
+    state: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A validated upload of one client: `kind` "dataset" or "teacher", `info` what validation found."""
+
+    owner: str
+    kind: str
+    sha256: str
+    path: str
+    size: int
+    info: dict
+    created: float
+
+
+class QueueFull(RuntimeError):
+    """Too many queued jobs."""
+
+
+class RequestConflict(ValueError):
+    """A request_id reused for a different request."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobFinished(RuntimeError):
+    """The job is already in a terminal state."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    started REAL NOT NULL DEFAULT 0,
+    finished REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    backend TEXT NOT NULL DEFAULT '',
+    handle TEXT NOT NULL DEFAULT '',
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    next_seq INTEGER NOT NULL DEFAULT 0,
+    qorder REAL NOT NULL,
+    events_offset INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(owner, request_id) WHERE request_id != '';
+CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, created DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, qorder);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    stage TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploads (
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    info TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (owner, kind, sha256)
+) WITHOUT ROWID;
+"""
+
+_JOB_COLS = [f.name for f in dataclasses.fields(JobRow)]
+
+
+class JobStore:
+    """The job table, event logs and uploads in one SQLite database (WAL: readers never block the writer).
+
+    Thread-safe: one connection per thread. Writes that must be atomic (events + job fields) run in one
+    `BEGIN IMMEDIATE` transaction.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        con = self._con()
+        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: could not switch SQLite to WAL mode (got {mode})")
+        con.executescript(_SCHEMA)
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            self._local.con = con
+            with self._lock:
+                self._all.append(con)
+        return con
+
+    def close(self) -> None:
+        with self._lock:
+            for con in self._all:
+                try:
+                    con.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    def journal_mode(self) -> str:
+        return self._con().execute("PRAGMA journal_mode").fetchone()[0]
+
+    class _Tx:
+        def __init__(self, con: sqlite3.Connection):
+            self.con = con
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.con.execute("BEGIN IMMEDIATE")
+            return self.con
+
+        def __exit__(self, et, ev, tb) -> None:
+            self.con.execute("COMMIT" if et is None else "ROLLBACK")
+
+    def tx(self) -> "_Tx":
+        return JobStore._Tx(self._con())
+
+    # ---- jobs ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _row(r: sqlite3.Row | tuple) -> JobRow:
+        d = dict(zip(_JOB_COLS, r))
+        d["spec"] = SearchSpec.from_dict(json.loads(d["spec"]))
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return JobRow(**d)
+
+    _SELECT = "SELECT " + ", ".join(_JOB_COLS) + " FROM jobs"
+
+    def create(self, owner: str, request_id: str, spec: SearchSpec, *, max_queued: int | None = None,
+               now: float | None = None) -> tuple[JobRow, bool]:
+        """Insert a QUEUED job with its first event; returns (job, created). An existing (owner, request_id)
+        with the same spec returns that job (created False); with another spec raises RequestConflict."""
+        now = time.time() if now is None else now
+        canon = spec.canonical()
+        for _ in range(5):
+            job_id = uuid.uuid4().hex[:12]
+            try:
+                with self.tx() as con:
+                    if request_id:
+                        old = con.execute(self._SELECT + " WHERE owner=? AND request_id=?",
+                                          (owner, request_id)).fetchone()
+                        if old is not None:
+                            row = self._row(old)
+                            if row.spec.canonical() != canon:
+                                raise RequestConflict(
+                                    f"request_id {request_id!r} was already used for a different request "
+                                    f"(job {row.job_id})")
+                            return row, False
+                    if max_queued is not None:
+                        n = con.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (QUEUED,)).fetchone()[0]
+                        if n >= max_queued:
+                            raise QueueFull(f"the queue is full ({n} jobs waiting, limit {max_queued}); "
+                                            f"retry later")
+                    con.execute(
+                        "INSERT INTO jobs (job_id, owner, request_id, spec, state, stage, message, created, qorder,"
+                        " next_seq) VALUES (?,?,?,?,?,?,?,?,?,1)",
+                        (job_id, owner, request_id, canon, QUEUED, "queued", "waiting for a free slot", now, now))
+                    con.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
+                                (job_id, 0, now, "queued", 0, 0, "waiting for a free slot", QUEUED))
+                return self.get(job_id), True
+            except sqlite3.IntegrityError:
+                continue  # job id collision, or a concurrent submit with the same request_id: look again
+        raise RuntimeError("could not allocate a job id")
+
+    def get(self, job_id: str, owner: str | None = None) -> JobRow | None:
+        q, args = self._SELECT + " WHERE job_id=?", [job_id]
+        if owner is not None:
+            q += " AND owner=?"
+            args.append(owner)
+        r = self._con().execute(q, args).fetchone()
+        return self._row(r) if r else None
+
+    def get_by_request(self, owner: str, request_id: str) -> JobRow | None:
+        r = self._con().execute(self._SELECT + " WHERE owner=? AND request_id=?", (owner, request_id)).fetchone()
+        return self._row(r) if r else None
+
+    def list(self, owner: str | None = None, states: Iterable[str] = (), limit: int = 50,
+             after: tuple[float, str] | None = None) -> list[JobRow]:
+        """Jobs newest first; `after` = (created, job_id) of the last row of the previous page."""
+        where, args = [], []
+        if owner is not None:
+            where.append("owner=?")
+            args.append(owner)
+        states = list(states)
+        if states:
+            where.append("state IN (" + ",".join("?" * len(states)) + ")")
+            args += states
+        if after is not None:
+            where.append("(created < ? OR (created = ? AND job_id < ?))")
+            args += [after[0], after[0], after[1]]
+        q = self._SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        q += " ORDER BY created DESC, job_id DESC LIMIT ?"
+        return [self._row(r) for r in self._con().execute(q, args + [int(limit)]).fetchall()]
+
+    def in_state(self, state: str) -> list[JobRow]:
+        rows = self._con().execute(self._SELECT + " WHERE state=? ORDER BY qorder, job_id", (state,)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count(self, state: str | None = None) -> int:
+        if state is None:
+            return self._con().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return self._con().execute("SELECT COUNT(*) FROM jobs WHERE state=?", (state,)).fetchone()[0]
+
+    def queue_position(self, job: JobRow) -> int:
+        if job.state != QUEUED:
+            return -1
+        return self._con().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state=? AND (qorder < ? OR (qorder = ? AND job_id < ?))",
+            (QUEUED, job.qorder, job.qorder, job.job_id)).fetchone()[0]
+
+    def update(self, job_id: str, *, expect_state: str | None = None, **fields) -> bool:
+        """Set job fields; with `expect_state`, only if the job is in that state. Returns whether it changed."""
+        with self.tx() as con:
+            return self._update(con, job_id, expect_state, fields)
+
+    @staticmethod
+    def _update(con: sqlite3.Connection, job_id: str, expect_state: str | None, fields: dict) -> bool:
+        if not fields:
+            return True
+        sets = ", ".join(f"{k}=?" for k in fields)
+        args = [json.dumps(v.to_dict()) if isinstance(v, SearchSpec) else v for v in fields.values()]
+        q = f"UPDATE jobs SET {sets} WHERE job_id=?"
+        args.append(job_id)
+        if expect_state is not None:
+            q += " AND state=?"
+            args.append(expect_state)
+        return con.execute(q, args).rowcount == 1
+
+    def append(self, job_id: str, events: list[dict], *, expect_state: str | None = None, **fields) -> list[Event]:
+        """Append events (dicts with stage/done/total/message, optional time and state) and set job fields in
+        one transaction. The job's stage/done/total/message follow the last event. With `expect_state`, nothing
+        happens (returns []) unless the job is in that state."""
+        with self.tx() as con:
+            r = con.execute("SELECT next_seq, state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+            if r is None or (expect_state is not None and r[1] != expect_state):
+                return []
+            seq, state = r
+            state = fields.get("state", state)
+            out = []
+            for e in events:
+                ev = Event(job_id, seq, float(e.get("time") or time.time()), str(e.get("stage", "")),
+                           int(e.get("done") or 0), int(e.get("total") or 0), str(e.get("message", "")),
+                           e.get("state", state))
+                con.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
+                            (ev.job_id, ev.seq, ev.time, ev.stage, ev.done, ev.total, ev.message, ev.state))
+                out.append(ev)
+                seq += 1
+            if out:
+                last = out[-1]
+                fields = {"stage": last.stage, "done": last.done, "total": last.total, "message": last.message,
+                          **fields}
+            fields["next_seq"] = seq
+            self._update(con, job_id, None, fields)
+            return out
+
+    def events(self, job_id: str, from_seq: int = 0, limit: int = 1000) -> list[Event]:
+        rows = self._con().execute(
+            "SELECT job_id, seq, time, stage, done, total, message, state FROM events WHERE job_id=? AND seq>=?"
+            " ORDER BY seq LIMIT ?", (job_id, int(from_seq), int(limit))).fetchall()
+        return [Event(*r) for r in rows]
+
+    # ---- uploads ------------------------------------------------------------------------------------------
+    def put_upload(self, up: Upload) -> None:
+        with self.tx() as con:
+            con.execute("INSERT OR REPLACE INTO uploads VALUES (?,?,?,?,?,?,?)",
+                        (up.owner, up.kind, up.sha256, up.path, up.size, json.dumps(up.info), up.created))
+
+    def get_upload(self, owner: str, kind: str, sha256: str) -> Upload | None:
+        r = self._con().execute("SELECT owner, kind, sha256, path, size, info, created FROM uploads"
+                                " WHERE owner=? AND kind=? AND sha256=?", (owner, kind, sha256)).fetchone()
+        if r is None:
+            return None
+        return Upload(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
+
+    def find_upload(self, kind: str, sha256: str) -> Upload | None:
+        """Any client's upload of these bytes (to reuse a stored, already validated file)."""
+        r = self._con().execute("SELECT owner, kind, sha256, path, size, info, created FROM uploads"
+                                " WHERE kind=? AND sha256=? LIMIT 1", (kind, sha256)).fetchone()
+        return None if r is None else Upload(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
