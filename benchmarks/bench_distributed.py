@@ -6,8 +6,8 @@
 Per repeat, in this order, on the same N candidates (one draw, `--seed`):
   inprocess  what `score_candidates` computes, in this process, one batch after another with 1 torch thread:
              fold the teacher, embed it, adapt the predictor on it (one inner step), then per batch of
-             `--batch-size`: embed (`dass_ray.embed.Embedder`), encode, score with the adapted predictor;
-  actor_1    `dass_ray.scoring.score_candidates(..., encoders=1, predictors=1)`: the whole call as the search runs
+             `--batch-size`: embed (`dass_ray.core.embed.Embedder`), encode, score with the adapted predictor;
+  actor_1    `dass_ray.search.scoring.score_candidates(..., encoders=1, predictors=1)`: the whole call as the search runs
              it, actor start-up included (encoder and predictor actors are created and killed inside the call);
   actor_2    the same with 2 encoder actors.
 Each encoder actor and predictor replica uses 1 torch thread (`score_candidates` gives an actor
@@ -44,10 +44,10 @@ def inprocess_scores(teacher_sd, space, archs, model, teacher_acc, batch_size: i
     """`score_candidates`' computation without Ray: same setup, same batches, same numerics.
 
     `marks` (optional) gets the `time.perf_counter()` at which each batch was scored."""
-    from dass_ray.embed import Embedder
-    from dass_ray.meta import teacher_support
-    from dass_ray.predictor import PredictorBatch
-    from dass_ray.scoring import adapted_params
+    from dass_ray.core.embed import Embedder
+    from dass_ray.core.meta import teacher_support
+    from dass_ray.core.predictor import PredictorBatch
+    from dass_ray.search.scoring import adapted_params
 
     eng = Embedder(teacher_sd, space, seed=probe_seed)
     tmap = eng.teacher_embedding().clone()
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from dass_ray.kd import load_teacher
-    from dass_ray.metatrain import make_model
-    from dass_ray.scoring import EncoderActor, score_candidates
+    from dass_ray.core.kd import load_teacher
+    from dass_ray.core.meta import make_model
+    from dass_ray.search.scoring import EncoderActor, score_candidates
     from dass_ray.search import DEFAULT_TEACHER
 
     torch.set_num_threads(1)  # the in-process path gets what one actor gets

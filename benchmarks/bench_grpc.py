@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from dass_ray.service.client import ClientError, SearchClient
-from dass_ray.data import bundled_path
+from dass_ray.core.data import bundled_path
 from dass_ray.v1 import search_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

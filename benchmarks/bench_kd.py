@@ -18,11 +18,12 @@ import time
 import numpy as np
 import torch
 
-from dass_ray.config import get_scale
-from dass_ray.data import bundled_path, load_dataset, load_task_data, make_class_subset_tasks
-from dass_ray.kd import TensorData, compute_soft_labels, train_kd
-from dass_ray.nets import build
-from dass_ray.space import get_space
+from dass_ray.core.config import get_scale
+from dass_ray.core.data import bundled_path, load_dataset
+from dass_ray.core.tasks import load_task_data, make_class_subset_tasks
+from dass_ray.core.kd import TensorData, compute_soft_labels, train_kd
+from dass_ray.core.nets import build
+from dass_ray.core.space import get_space
 
 from bench_scoring import matmul_peak_gflops  # noqa: E402  (benchmarks/ is the script's directory)
 

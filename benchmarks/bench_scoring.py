@@ -43,12 +43,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dass_ray.embed import Embedder, embed_reference
-from dass_ray.kd import load_teacher
-from dass_ray.meta import MetaSGD, teacher_support
-from dass_ray.nets import build
-from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig
-from dass_ray.space import ArchConfig, SpaceConfig, get_space
+from dass_ray.core.embed import Embedder, embed_reference
+from dass_ray.core.kd import load_teacher
+from dass_ray.core.meta import MetaSGD, teacher_support
+from dass_ray.core.nets import build
+from dass_ray.core.predictor import Predictor, PredictorBatch, PredictorConfig
+from dass_ray.core.space import ArchConfig, SpaceConfig, get_space
 
 
 def own_flops(space: SpaceConfig, arch: ArchConfig) -> int:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=4096, help="candidates per timed draw")
     ap.add_argument("--seed", type=int, default=0, help="seed of the candidate draws (and of the random teacher)")
-    ap.add_argument("--teacher", default=None, help="a teacher checkpoint (dass_ray.kd.save_teacher); default: random")
+    ap.add_argument("--teacher", default=None, help="a teacher checkpoint (dass_ray.core.kd.save_teacher); default: random")
     ap.add_argument("--space", default="cpu", help="space preset for the random teacher")
     ap.add_argument("--batch-size", type=int, default=2048, help="Embedder.embed batch size")
     ap.add_argument("--repeats", type=int, default=3, help="timed draws; figures are medians")

@@ -34,8 +34,8 @@ def trials_needed(order, acc, tol=0.005) -> int:
 
 
 def readapt_order(model, t, budget: int) -> list[int]:
-    from dass_ray.meta import teacher_support
-    from dass_ray.predictor import PredictorBatch
+    from dass_ray.core.meta import teacher_support
+    from dass_ray.core.predictor import PredictorBatch
 
     n = len(t.acc)
     order, left = [], list(range(n))
@@ -99,11 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="mean", choices=["mean", "first"])
     args = ap.parse_args(argv)
-    from dass_ray.config import get_scale
-    from dass_ray.metadataset import load_meta_tasks
-    from dass_ray.metatrain import load_predictor, predict_task
-    from dass_ray.rayutil import init_ray
-    from dass_ray.space import get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.offline.metadataset import load_meta_tasks
+    from dass_ray.offline.metatrain import predict_task
+    from dass_ray.core.meta import load_predictor
+    from dass_ray.search.rayutil import init_ray
+    from dass_ray.core.space import get_space
 
     space = get_space(get_scale(args.scale).space)
     try:

@@ -41,7 +41,7 @@ KUBERAY_API_VERSION = "ray.io/v1"
 KUBERAY_KIND = "RayCluster"
 UPSCALING_MODES = ("Default", "Aggressive", "Conservative")
 GPU_LIMIT_KEY = "nvidia.com/gpu"
-GPU_WORKER_RESOURCE = "dass_gpu_worker"  # same name as dass_ray.resources.GPU_WORKER_RESOURCE
+GPU_WORKER_RESOURCE = "dass_gpu_worker"  # same name as dass_ray.search.resources.GPU_WORKER_RESOURCE
 
 _NOISY_LOGGERS = (
     "ray.autoscaler._private.util",

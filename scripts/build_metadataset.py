@@ -7,7 +7,7 @@ Resumable: rerun the same command to continue; finished teachers and students ar
         --data-root ../shared/datasets
 
 Your own tasks: --plan my_plan.json, a JSON file {"groups": [{...}, ...]} whose groups have the fields of
-dass_ray.metadataset.TaskGroup, e.g.
+dass_ray.offline.plans.TaskGroup, e.g.
     {"groups": [{"role": "test", "source": "xray", "path": "/data/xray.parquet", "num_tasks": 2, "seed": 1,
                  "classes_per_task": 4, "train_per_class": 50, "val_per_class": 25,
                  "students": 30, "second_seed": 10, "teacher_epochs": 10}]}
@@ -22,13 +22,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from dass_ray.config import get_scale
-from dass_ray.metadataset import PLANS, MetaDatasetStore, load_plan
+from dass_ray.core.config import get_scale
+from dass_ray.offline.metadataset import MetaDatasetStore
+from dass_ray.offline.plans import PLANS, load_plan
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", default="cpu", help="training scale (dass_ray.config.SCALES): cpu | tiny | paper")
+    ap.add_argument("--scale", default="cpu", help="training scale (dass_ray.core.config.SCALES): cpu | tiny | paper")
     ap.add_argument("--plan", default=None, help=f"a built-in task plan ({', '.join(sorted(PLANS))}) or a JSON plan "
                     "file (see above); default: the scale's name")
     ap.add_argument("--output", required=True, help="meta-dataset directory (created; reused to resume)")
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    from dass_ray.labelgen import build
-    from dass_ray.rayutil import init_ray
-    from dass_ray.rayutil import resolve_storage
+    from dass_ray.offline.labelgen import build
+    from dass_ray.search.rayutil import init_ray
+    from dass_ray.search.rayutil import resolve_storage
 
     try:
         storage = resolve_storage(args.storage, Path(args.output) / "ray_train")

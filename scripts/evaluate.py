@@ -56,14 +56,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.time()
 
-    from dass_ray.config import get_scale
-    from dass_ray.data import load_tasks
-    from dass_ray.kd import init_student, load_teacher
-    from dass_ray.metadataset import MetaDatasetStore, load_meta_tasks, task_data
-    from dass_ray.metatrain import MetaTrainConfig, load_predictor, predict_task, task_batches, train_local
-    from dass_ray.proxies import score_all
-    from dass_ray.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
-    from dass_ray.space import get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.core.tasks import load_tasks
+    from dass_ray.core.kd import init_student, load_teacher
+    from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks, task_data
+    from dass_ray.offline.metatrain import MetaTrainConfig, predict_task, task_batches, train_local
+    from dass_ray.core.meta import load_predictor
+    from dass_ray.core.proxies import score_all
+    from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
+    from dass_ray.core.space import get_space
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scale = get_scale(args.scale)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     summary = _finite(summary)
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     from dass_ray.fileutil import sha256_file
-    from dass_ray.metadataset import code_version, machine
+    from dass_ray.offline.metadataset import code_version, machine
 
     manifest = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
                 "machine": machine(), "wall_s": round(time.time() - t_start, 1),

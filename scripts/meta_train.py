@@ -32,12 +32,13 @@ def main(argv=None) -> int:
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
     args = ap.parse_args(argv)
 
-    from dass_ray.config import get_scale
-    from dass_ray.metadataset import code_version, load_meta_tasks, machine
-    from dass_ray.metatrain import MetaTrainConfig, evaluate, make_model, save_predictor
-    from dass_ray.metatrain_ray import meta_train
-    from dass_ray.rayutil import init_ray
-    from dass_ray.space import SpaceConfig, get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.offline.metadataset import code_version, load_meta_tasks, machine
+    from dass_ray.offline.metatrain import MetaTrainConfig, evaluate
+    from dass_ray.core.meta import make_model, save_predictor
+    from dass_ray.offline.metatrain_ray import meta_train
+    from dass_ray.search.rayutil import init_ray
+    from dass_ray.core.space import SpaceConfig, get_space
 
     scale = get_scale(args.scale)
     try:

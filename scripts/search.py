@@ -3,7 +3,7 @@
 `ray job submit --working-dir . -- python scripts/search.py --dataset ... --teacher ... --output ...`."""
 import sys
 
-from dass_ray.search_cli import main
+from dass_ray.search.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

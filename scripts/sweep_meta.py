@@ -26,10 +26,10 @@ def _one(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from dass_ray.config import get_scale
-    from dass_ray.metadataset import load_meta_tasks
-    from dass_ray.metatrain import MetaTrainConfig, evaluate, train_local
-    from dass_ray.space import get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.offline.metadataset import load_meta_tasks
+    from dass_ray.offline.metatrain import MetaTrainConfig, evaluate, train_local
+    from dass_ray.core.space import get_space
 
     scale = get_scale(scale_name)
     train, val = load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if args.episodes < 1 or args.jobs < 1 or any(x <= 0 for x in args.lr) or any(x < 0 for x in args.weight_decay):
         print("error: --episodes and --jobs must be >= 1, --lr > 0, --weight-decay >= 0", file=sys.stderr)
         return 2
-    from dass_ray.metadataset import load_meta_tasks
+    from dass_ray.offline.metadataset import load_meta_tasks
 
     try:
         if not load_meta_tasks(args.metadataset, ("train",)) or not load_meta_tasks(args.metadataset, ("val",)):
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     best = max(runs, key=lambda r: r["val_spearman"] if r["val_spearman"] == r["val_spearman"] else -float("inf"))
     out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "val_spearman", "best_episode")}}
     if args.output:
-        from dass_ray.metadataset import code_version, machine
+        from dass_ray.offline.metadataset import code_version, machine
 
         man = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
                "machine": machine(), "wall_s": round(time.time() - t0, 1), "metadataset": args.metadataset}

@@ -27,11 +27,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dass_ray.config import get_scale
-    from dass_ray.data import DatasetError
-    from dass_ray.kd import evaluate, round_half, save_teacher, train_teacher
-    from dass_ray.metadataset import code_version, dataset_task, machine
-    from dass_ray.space import get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.core.data import DatasetError
+    from dass_ray.core.kd import evaluate, round_half, save_teacher, train_teacher
+    from dass_ray.offline.metadataset import code_version, machine
+    from dass_ray.core.tasks import dataset_task
+    from dass_ray.core.space import get_space
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dass_ray.nets import build
-from dass_ray.space import get_space
+from dass_ray.core.nets import build
+from dass_ray.core.space import get_space
 
 
 def randomize_bn(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

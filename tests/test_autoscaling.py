@@ -1,7 +1,7 @@
 """Autoscaling on one machine: Ray's fake multi-node provider launches and terminates worker raylets on demand.
 
 A head with 1 CPU that, like the heads of `cluster/aws.yaml` and `cluster/kuberay.yaml`, advertises
-`dass_autoscale_cpu_worker` (so `dass_ray.resources` pins encoder actors and CPU predictor replicas to
+`dass_autoscale_cpu_worker` (so `dass_ray.search.resources` pins encoder actors and CPU predictor replicas to
 `dass_cpu_worker` nodes) and one worker type `cpu_worker` (2 CPUs + `dass_cpu_worker: 1`, min 0, max 2,
 idle timeout 6 s). Scoring with 2 encoder actors and 1 predictor replica asks for 3 CPUs on `cpu_worker` nodes,
 which do not exist yet: the autoscaler must launch them, the scoring must complete with the same scores as an
@@ -152,16 +152,16 @@ def _workers() -> list[dict]:
 def test_too_few_cpus_on_head_scales_cpu_workers_up_then_down(autoscaling_cluster):
     import ray
 
-    from dass_ray.embed import Embedder
-    from dass_ray.kd import load_teacher
-    from dass_ray.meta import teacher_support
-    from dass_ray.metatrain import make_model
-    from dass_ray.predictor import PredictorBatch
-    from dass_ray.resources import ray_options
-    from dass_ray.scoring import score_candidates
+    from dass_ray.core.embed import Embedder
+    from dass_ray.core.kd import load_teacher
+    from dass_ray.core.meta import teacher_support
+    from dass_ray.core.meta import make_model
+    from dass_ray.core.predictor import PredictorBatch
+    from dass_ray.search.resources import ray_options
+    from dass_ray.search.scoring import score_candidates
     from dass_ray.search import DEFAULT_TEACHER
 
-    from dass_ray.resources import max_cluster_cpus
+    from dass_ray.search.resources import max_cluster_cpus
 
     assert not _workers()
     assert ray_options("encoder")["resources"] == {"dass_cpu_worker": 0.001}  # pinned to the worker type

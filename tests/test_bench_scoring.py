@@ -42,7 +42,7 @@ def test_bench_scoring_random_teacher_with_reference():
     assert res["space"] == "cpu" and res["teacher"].startswith("random")
     assert res["reference_n"] == 2 and res["reference_candidates_per_s"] > 0
     # own FLOPs of 12 CPU-preset students: between 12 smallest and 12 teachers
-    from dass_ray.space import get_space
+    from dass_ray.core.space import get_space
 
     sp = get_space("cpu", 10)
     fc = 2 * sp.stage_widths[-1] * sp.num_classes
@@ -51,9 +51,9 @@ def test_bench_scoring_random_teacher_with_reference():
 
 
 def test_bench_scoring_with_teacher_checkpoint(tmp_path):
-    from dass_ray.kd import save_teacher
-    from dass_ray.nets import build
-    from dass_ray.space import get_space
+    from dass_ray.core.kd import save_teacher
+    from dass_ray.core.nets import build
+    from dass_ray.core.space import get_space
 
     sp = get_space("cpu", 10)
     path = tmp_path / "teacher.pt"

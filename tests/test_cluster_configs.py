@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dass_ray import cluster_config as cc
-from dass_ray.resources import (
+from dass_ray.search.resources import (
     AUTOSCALE_CPU_WORKER_RESOURCE,
     AUTOSCALE_GPU_WORKER_RESOURCE,
     CPU_WORKER_RESOURCE,
@@ -322,7 +322,7 @@ def test_cli_prints_one_line_per_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dass_ray.resources
+# dass_ray.search.resources
 # ---------------------------------------------------------------------------------------------------------------
 
 LAPTOP = {"CPU": 8.0, "memory": 1e10, "object_store_memory": 1e9, "node:127.0.0.1": 1.0}
@@ -447,7 +447,7 @@ def test_kuberay_markers_are_the_groups_max_cpus():
 
 
 def test_max_cluster_cpus_counts_what_the_cluster_can_grow_to():
-    from dass_ray.resources import max_cluster_cpus
+    from dass_ray.search.resources import max_cluster_cpus
 
     cfg = cc.validate_launcher_config(CLUSTER / "aws.yaml")
     fresh = cfg["available_node_types"][cfg["head_node_type"]]["resources"]  # head only, CPU 0

@@ -1,4 +1,4 @@
-"""Tests for dass_ray.data: adapters on real (bundled) data, bad inputs, tasks, tensors."""
+"""Tests for dass_ray.core.data: adapters on real (bundled) data, bad inputs, tasks, tensors."""
 
 from __future__ import annotations
 
@@ -12,25 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dass_ray.data import (
-    MEAN,
-    STD,
-    DatasetError,
-    ImageDataset,
-    TaskSpec,
-    bundled_names,
-    bundled_path,
-    check_classes,
-    list_adapters,
-    load_dataset,
-    load_task_data,
-    load_tasks,
-    make_class_subset_tasks,
-    resolve_dataset_path,
-    save_tasks,
-    shared_datasets_root,
-    to_tensor,
-)
+from dass_ray.core.data import MEAN, STD, DatasetError, ImageDataset, bundled_names, bundled_path, check_classes, list_adapters, load_dataset, resolve_dataset_path, shared_datasets_root, to_tensor
+from dass_ray.core.tasks import TaskSpec, load_task_data, load_tasks, make_class_subset_tasks, save_tasks
 
 SHA256 = {
     "mnist5k": "ca9ee729da448a3599c67b766357fbb2c2db2e9f5138305ae5f84e9f6ad0de51",

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dass_ray.embed import Embedder, embed_reference, noise_input
-from dass_ray.nets import build
-from dass_ray.space import ArchConfig, get_space
+from dass_ray.core.embed import Embedder, embed_reference, noise_input
+from dass_ray.core.nets import build
+from dass_ray.core.space import ArchConfig, get_space
 
 from conftest import randomize_bn
 
@@ -81,7 +81,7 @@ def test_shared_prefixes_are_computed_once(cpu_space, cpu_teacher, rng):
 
 
 def test_engine_general_spaces():
-    from dass_ray.space import SpaceConfig
+    from dass_ray.core.space import SpaceConfig
 
     # stride-1 stage that widens (no max-pool), stride-2 stage that keeps its width, free last width,
     # a block narrower than its input in every stage
@@ -101,7 +101,7 @@ def test_engine_smaller_teacher(cpu_space):
 
 
 def test_engine_without_onednn(cpu_space, cpu_teacher, rng, monkeypatch):
-    import dass_ray.embed as embed_mod
+    import dass_ray.core.embed as embed_mod
 
     monkeypatch.setattr(embed_mod, "_use_onednn", lambda: False)
     archs = cpu_space.sample_many(rng, 8) + [cpu_space.smallest()]

@@ -1,4 +1,4 @@
-"""Tests for dass_ray.export: the TorchScript student takes images at the dataset's native size and reproduces the
+"""Tests for dass_ray.core.export: the TorchScript student takes images at the dataset's native size and reproduces the
 data pipeline's preprocessing (no Ray)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dass_ray.config import get_scale
-from dass_ray.data import bundled_path, load_dataset, shared_datasets_root
-from dass_ray.export import InputSpec, export_student, spec_for
-from dass_ray.kd import TensorData, load_teacher
-from dass_ray.metadataset import dataset_task
+from dass_ray.core.config import get_scale
+from dass_ray.core.data import bundled_path, load_dataset, shared_datasets_root
+from dass_ray.core.export import InputSpec, export_student, spec_for
+from dass_ray.core.kd import TensorData, load_teacher
+from dass_ray.core.tasks import dataset_task
 
 TEACHER = Path(__file__).resolve().parents[1] / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 

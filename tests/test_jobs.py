@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dass_ray.service import jobs as J
-from dass_ray.data import bundled_path
+from dass_ray.core.data import bundled_path
 from dass_ray.service.contract import RequestError, SearchRequest, request_from_args
 
 TEACHER = Path(J.__file__).resolve().parent / "assets" / "teachers" / "mnist5k_cpu.pt"
@@ -157,7 +157,7 @@ def test_search_args_follow_the_contract(tmp_path):
     assert spec().search_args(tmp_path, resume=False)[3] == "train"
     assert J.SearchSpec.from_dict(json.loads(s.canonical())) == s
     # what search.py parses from that argv is the same request
-    from dass_ray.search_cli import parser
+    from dass_ray.search.cli import parser
 
     ns = parser().parse_args(a)
     assert request_from_args(ns) == s.request
@@ -275,6 +275,7 @@ def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, lo
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env):
     """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still

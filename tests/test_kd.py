@@ -1,4 +1,3 @@
-import dataclasses
 import math
 
 import numpy as np
@@ -6,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dass_ray.config import KDConfig, TeacherConfig
-from dass_ray.data import bundled_path, load_dataset, load_task_data, make_class_subset_tasks
-from dass_ray.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, kd_loss, load_teacher,
+from dass_ray.core.config import KDConfig, TeacherConfig
+from dass_ray.core.data import bundled_path, load_dataset
+from dass_ray.core.tasks import load_task_data, make_class_subset_tasks
+from dass_ray.core.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, kd_loss, load_teacher,
                          round_half, save_teacher, train_kd, train_teacher)
-from dass_ray.space import get_space
+from dass_ray.core.space import get_space
 
 
 @pytest.fixture(scope="module")

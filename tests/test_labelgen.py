@@ -2,12 +2,12 @@
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from dass_ray.config import get_scale
-from dass_ray.metadataset import PLANS, MetaDatasetStore, load_meta_tasks
+from dass_ray.core.config import get_scale
+from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks
+from dass_ray.offline.plans import PLANS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def built(ray_local, tmp_path_factory):
-    from dass_ray.labelgen import build
+    from dass_ray.offline.labelgen import build
 
     out = tmp_path_factory.mktemp("md")
     scale = get_scale("tiny")
@@ -44,7 +44,7 @@ def test_teachers_train_concurrently_up_to_the_cpus(built):
 
 
 def test_near_chance_teacher_is_labelled_with_a_warning(built):
-    from dass_ray.labelgen import near_chance_warning
+    from dass_ray.offline.labelgen import near_chance_warning
 
     accs = {m.split()[2].rstrip(":"): float(m.split("val acc ")[1].split()[0])
             for m in built[2]["log"] if "val acc" in m}
@@ -57,7 +57,7 @@ def test_near_chance_teacher_is_labelled_with_a_warning(built):
 
 
 def test_partial_build_then_resume_records_everything_once(built):
-    from dass_ray.labelgen import build
+    from dass_ray.offline.labelgen import build
 
     out, scale, first = built
     store = MetaDatasetStore(out)
@@ -95,8 +95,8 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
     import dataclasses
     import json
 
-    from dass_ray.labelgen import build
-    from dass_ray.metadataset import load_plan
+    from dass_ray.offline.labelgen import build
+    from dass_ray.offline.plans import load_plan
 
     _, scale, _ = built
     test_group = {"role": "test", "source": "omniglot_small", "path": "omniglot_small.parquet", "num_tasks": 1,
@@ -147,10 +147,10 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
 
 
 def test_a_diverging_student_is_a_failed_row_not_a_crash(built):
-    from dass_ray.labelgen import build  # noqa: F401  (same module-scoped Ray)
-    from dass_ray.kd import SoftLabels, load_teacher
-    from dass_ray.metadataset import TaskContext, run_student, task_data
-    from dass_ray.data import load_tasks
+    from dass_ray.offline.labelgen import build  # noqa: F401  (same module-scoped Ray)
+    from dass_ray.core.kd import SoftLabels, load_teacher
+    from dass_ray.offline.metadataset import TaskContext, run_student, task_data
+    from dass_ray.core.tasks import load_tasks
 
     out, scale, _ = built
     store = MetaDatasetStore(out)
@@ -164,9 +164,9 @@ def test_a_diverging_student_is_a_failed_row_not_a_crash(built):
 
 
 def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_path):
-    from dass_ray.metatrain import MetaTrainConfig
-    from dass_ray.metatrain_ray import meta_train
-    from dass_ray.space import get_space
+    from dass_ray.offline.metatrain import MetaTrainConfig
+    from dass_ray.offline.metatrain_ray import meta_train
+    from dass_ray.core.space import get_space
 
     out, scale, _ = built
     train = load_meta_tasks(out, ("train",))
@@ -184,7 +184,7 @@ def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_
     for k in one["last"]:
         torch.testing.assert_close(one["last"][k], two["last"][k], rtol=1e-3, atol=2e-5)
     # training moved the parameters (the comparison is not vacuous)
-    from dass_ray.metatrain import make_model
+    from dass_ray.core.meta import make_model
 
     init = make_model(space, seed=cfg.seed).state_dict()
     assert any(not torch.allclose(init[k], one["last"][k]) for k in init)

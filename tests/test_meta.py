@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from dass_ray.meta import MetaSGD, inner_update, kendall, spearman, teacher_support
-from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig, num_parameters
+from dass_ray.core.meta import MetaSGD, inner_update, kendall, spearman, teacher_support
+from dass_ray.core.predictor import Predictor, PredictorBatch, PredictorConfig, num_parameters
 
 
 def test_inner_update_is_theta_minus_lr_grad_exactly():
@@ -132,8 +132,9 @@ def test_rank_correlations():
 
 
 def test_weight_decay_shrinks_weights_and_never_the_step_sizes():
-    from dass_ray.metatrain import MetaTrainConfig, make_model, make_optimizer
-    from dass_ray.space import get_space
+    from dass_ray.offline.metatrain import MetaTrainConfig, make_optimizer
+    from dass_ray.core.meta import make_model
+    from dass_ray.core.space import get_space
 
     space = get_space("cpu")
     model = make_model(space, inner_lr=0.005, seed=0)

@@ -3,9 +3,11 @@ import json
 
 import pytest
 
-from dass_ray.config import get_scale
-from dass_ray.data import load_dataset, make_class_subset_tasks, resolve_dataset_path
-from dass_ray.metadataset import PLANS, MetaDatasetStore, TaskGroup, load_plan, make_tasks
+from dass_ray.core.config import get_scale
+from dass_ray.core.data import load_dataset, resolve_dataset_path
+from dass_ray.core.tasks import make_class_subset_tasks
+from dass_ray.offline.metadataset import MetaDatasetStore
+from dass_ray.offline.plans import PLANS, TaskGroup, load_plan, make_tasks
 
 
 def _plan_file(tmp_path, groups) -> str:

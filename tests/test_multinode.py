@@ -189,12 +189,12 @@ def mn():
 @pytest.fixture(scope="module")
 def scoring(mn):
     """Inputs, an in-process reference, and the scores of a *single-node* run (head only) with the same seed."""
-    from dass_ray.embed import Embedder
-    from dass_ray.kd import load_teacher
-    from dass_ray.meta import teacher_support
-    from dass_ray.metatrain import make_model
-    from dass_ray.predictor import PredictorBatch
-    from dass_ray.scoring import score_candidates
+    from dass_ray.core.embed import Embedder
+    from dass_ray.core.kd import load_teacher
+    from dass_ray.core.meta import teacher_support
+    from dass_ray.core.meta import make_model
+    from dass_ray.core.predictor import PredictorBatch
+    from dass_ray.search.scoring import score_candidates
     from dass_ray.search import DEFAULT_TEACHER
 
     ck = load_teacher(DEFAULT_TEACHER)
@@ -222,7 +222,7 @@ def _encoder_nodes() -> dict[str, tuple[str, int]]:
 
 
 def test_scoring_on_three_nodes_spreads_encoders_and_matches_single_node(mn, scoring):
-    from dass_ray.scoring import score_candidates
+    from dass_ray.search.scoring import score_candidates
 
     mn.set_workers(2)
     s = scoring
@@ -245,7 +245,7 @@ def test_scoring_on_three_nodes_spreads_encoders_and_matches_single_node(mn, sco
 def test_worker_node_lost_mid_scoring_scores_every_candidate_once(mn, scoring):
     import ray
 
-    from dass_ray.scoring import score_candidates
+    from dass_ray.search.scoring import score_candidates
 
     mn.set_workers(2)
     s = scoring
@@ -283,8 +283,8 @@ def test_worker_node_lost_mid_scoring_scores_every_candidate_once(mn, scoring):
 
 @pytest.fixture(scope="module")
 def predictor_path(tmp_path_factory):
-    from dass_ray.metatrain import make_model, save_predictor
-    from dass_ray.space import get_space
+    from dass_ray.core.meta import make_model, save_predictor
+    from dass_ray.core.space import get_space
 
     p = tmp_path_factory.mktemp("pred") / "pred.pt"
     space = get_space("cpu")
@@ -370,9 +370,10 @@ def test_worker_node_lost_mid_kd_trial_restarts_from_checkpoint(mn, predictor_pa
 
 @pytest.mark.slow
 def test_worker_node_lost_mid_label_generation_records_each_run_once(mn, tmp_path):
-    from dass_ray.config import get_scale
-    from dass_ray.labelgen import build
-    from dass_ray.metadataset import PLANS, MetaDatasetStore
+    from dass_ray.core.config import get_scale
+    from dass_ray.offline.labelgen import build
+    from dass_ray.offline.metadataset import MetaDatasetStore
+    from dass_ray.offline.plans import PLANS
 
     mn.set_workers(2)
     scale = get_scale("tiny").replace(kd={"epochs": 4})  # long enough to be caught in flight

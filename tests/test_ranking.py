@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from dass_ray.meta import spearman
-from dass_ray.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
+from dass_ray.core.meta import spearman
+from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
 
 
 def _task(rng, n=50, noise=0.5):

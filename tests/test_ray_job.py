@@ -21,8 +21,8 @@ def head():
 
 
 def test_ray_job_submit_runs_the_search(head, tmp_path):
-    from dass_ray.metatrain import make_model, save_predictor
-    from dass_ray.space import get_space
+    from dass_ray.core.meta import make_model, save_predictor
+    from dass_ray.core.space import get_space
 
     pred = tmp_path / "pred.pt"
     save_predictor(pred, make_model(get_space("cpu")), get_space("cpu"))

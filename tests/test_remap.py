@@ -1,10 +1,9 @@
-import numpy as np
 import pytest
 import torch
 
-from dass_ray.nets import build
-from dass_ray.remap import remap, remapped_student, schemes
-from dass_ray.space import PRESETS, get_space
+from dass_ray.core.nets import build
+from dass_ray.core.remap import remap, remapped_student, schemes
+from dass_ray.core.space import PRESETS, get_space
 
 from conftest import randomize_bn
 

@@ -9,17 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dass_ray.data import bundled_path
+from dass_ray.core.data import bundled_path
 from dass_ray.search import DEFAULT_TEACHER, DaSSSearcher, InputError, SearchConfig, prepare
 from dass_ray.service import contract as C
-from dass_ray.space import get_space
+from dass_ray.core.space import get_space
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def predictor_path(tmp_path_factory):
-    from dass_ray.metatrain import make_model, save_predictor
+    from dass_ray.core.meta import make_model, save_predictor
 
     p = tmp_path_factory.mktemp("pred") / "pred.pt"
     space = get_space("cpu")
@@ -61,7 +61,7 @@ def test_bad_inputs_are_rejected_before_ray(tmp_path, predictor_path, kw, msg):
 
 
 def test_classes_pick_a_subset_of_the_dataset(tmp_path, predictor_path):
-    from dass_ray.data import load_dataset
+    from dass_ray.core.data import load_dataset
 
     names = load_dataset(bundled_path("mnist5k")).class_names
     p = prepare(cfg(tmp_path, predictor_path, teacher="train", classes=(names[7], "3")))
@@ -95,7 +95,7 @@ def test_cli_fails_fast_with_one_line_and_exit_2(tmp_path, predictor_path):
                         "--predictor", predictor_path, "--output", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: --top-k 9 exceeds --candidates 3"]
+    assert r.stderr.strip().splitlines() == ["error: --top-k: top_k (9) must not exceed candidates (3)"]
     assert not (tmp_path / "o").exists()
     h = subprocess.run([sys.executable, str(ROOT / "scripts" / "search.py"), "--help"], capture_output=True, text=True)
     for flag in ("--dataset", "--teacher", "--max-flops", "--max-params", "--candidates", "--top-k", "--kd-epochs",
@@ -166,12 +166,12 @@ def ray_local():
 
 @pytest.mark.ray
 def test_scoring_survives_a_killed_encoder_and_scores_each_candidate_once(ray_local):
-    from dass_ray.embed import Embedder
-    from dass_ray.kd import load_teacher
-    from dass_ray.meta import teacher_support
-    from dass_ray.metatrain import make_model
-    from dass_ray.predictor import PredictorBatch
-    from dass_ray.scoring import EncoderActor, score_candidates
+    from dass_ray.core.embed import Embedder
+    from dass_ray.core.kd import load_teacher
+    from dass_ray.core.meta import teacher_support
+    from dass_ray.core.meta import make_model
+    from dass_ray.core.predictor import PredictorBatch
+    from dass_ray.search.scoring import EncoderActor, score_candidates
 
     ray = ray_local
     ck = load_teacher(DEFAULT_TEACHER)

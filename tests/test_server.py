@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from dass_ray.service.client import TERMINAL, ClientError, SearchClient, sha256_file, state_name
-from dass_ray.data import bundled_path
+from dass_ray.core.data import bundled_path
 from dass_ray.v1 import search_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -579,6 +579,7 @@ def test_tls_with_a_self_signed_certificate(tmp_path, token_file):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_end_to_end_across_server_restarts(ray_server, ray_head, ray_alice, tmp_path):
     server, alice = ray_server, ray_alice
@@ -649,6 +650,7 @@ def _search_running(c, job_id):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_cancel_a_running_search(ray_server, ray_head, ray_alice, capsys, monkeypatch):
     server, alice = ray_server, ray_alice
@@ -675,6 +677,7 @@ def test_cancel_a_running_search(ray_server, ray_head, ray_alice, capsys, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray_alice):
     alice = ray_alice
@@ -693,6 +696,46 @@ def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray
     i = stages.index("resumed")
     assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # scored candidates were kept
     assert alice.result(job.job_id).best.measured_acc >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(token_file, tmp_path):
+    """Re-adaptation and ASHA, set through the proto, reach the search; both searches run as Ray Jobs on the one
+    local head the server started on its first search (the second reuses it)."""
+    import json
+
+    tmp = tempfile.mkdtemp(prefix="dlh", dir="/tmp")
+    srv = Server(tmp_path / "state", token_file, None,
+                 dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"))
+    srv.start()
+    try:
+        with client(srv) as c:
+            kw = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER))
+            j1 = c.submit(**kw, **dict(TINY, top_k=3), readapt=True)
+            j2 = c.submit(**kw, **dict(TINY, kd_epochs=2), asha=True)
+            for j, words in ((j1, "re-ranking the rest after each"), (j2, "ASHA early stopping")):
+                final = c.wait(j.job_id, timeout_s=900)
+                assert state_name(final.state) == "SUCCEEDED", final.error
+                evs = list(c.watch(j.job_id))
+                assert any(words in e.message for e in evs), [e.message for e in evs]
+                r = c.result(j.job_id)
+                assert (r.spec.readapt, r.spec.asha) == ((True, False) if j is j1 else (False, True))
+                assert (r.input_spec.height, r.input_spec.width, r.input_spec.channels) == (28, 28, 1)
+                assert len(r.class_names) == 10 and set(r.timings_s) <= {"teacher", "score", "kd", "export"}
+                doc = json.loads(r.result_json)
+                assert doc["request"]["readapt"] == (j is j1) and doc["request"]["dataset"] == str(MNIST)
+                for text in [r.result_json] + [e.message for e in evs]:  # no server path reaches the client
+                    assert str(srv.state_dir) not in text, text
+        head = json.loads((srv.state_dir / "ray_head.json").read_text())
+        from ray.job_submission import JobSubmissionClient
+
+        ids = {x.submission_id for x in JobSubmissionClient(head["dashboard"]).list_jobs()}
+        assert {f"dass-{j1.job_id}-1", f"dass-{j2.job_id}-1"} <= ids
+    finally:
+        srv.stop()
+        kill_under(tmp)
 
 
 def _uncommented(lines: list[str]) -> list[str]:

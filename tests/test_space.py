@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from dass_ray.nets import build, count_flops
-from dass_ray.space import PRESETS, ArchConfig, SpaceConfig, get_space
+from dass_ray.core.nets import build, count_flops
+from dass_ray.core.space import PRESETS, ArchConfig, SpaceConfig, get_space
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

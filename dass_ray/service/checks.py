@@ -32,7 +32,7 @@ def dataset_info(path: str, shown: str) -> tuple[dict | None, str | None]:
     """Decode a dataset file with the project's adapters: its classes, size and image shape."""
     from pathlib import Path
 
-    from dass_ray.data import DatasetError, load_dataset
+    from dass_ray.core.data import DatasetError, load_dataset
 
     try:
         ds = load_dataset(path)
@@ -52,7 +52,7 @@ def dataset_info(path: str, shown: str) -> tuple[dict | None, str | None]:
 
 def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
     """Load a teacher checkpoint: its head width, input size, recorded accuracy and search space."""
-    from dass_ray.kd import load_teacher
+    from dass_ray.core.kd import load_teacher
 
     try:
         ck = load_teacher(path)
@@ -68,8 +68,8 @@ def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
 
 def budget(scale: str, num_classes: int, max_flops: int, max_params: int) -> tuple[dict | None, str | None]:
     """Whether any student of the scale's space fits the budget."""
-    from dass_ray.config import get_scale
-    from dass_ray.space import get_space
+    from dass_ray.core.config import get_scale
+    from dass_ray.core.space import get_space
 
     try:
         space = get_space(get_scale(scale).space, num_classes=num_classes)
@@ -86,8 +86,8 @@ def _worker_main() -> int:
     """`python -m dass_ray.service.checks`: answer one JSON request line per line on stdin."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's own pipe; library prints go to stderr
     os.dup2(2, 1)
-    import dass_ray.data  # noqa: F401 - import torch and the adapters before the first request
-    import dass_ray.kd  # noqa: F401
+    import dass_ray.core.data  # noqa: F401 - import torch and the adapters before the first request
+    import dass_ray.core.kd  # noqa: F401 - and the checkpoint loader
 
     proto.write("ready\n")
     for line in sys.stdin:

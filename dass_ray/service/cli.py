@@ -278,7 +278,7 @@ def _cancel(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "search":  # everything after it belongs to the search's own parser
-        from dass_ray import search_cli
+        from dass_ray.search import cli as search_cli
 
         return search_cli.main(argv[1:])
     a = _parser().parse_args(argv)

@@ -39,8 +39,8 @@ RESULT_FILE = "result.json"
 ARTIFACTS = {"torchscript": "student.torchscript.pt", "weights": "student.pt", "report": "report.png",
              "candidates": "candidates.parquet", "trials": "trials.parquet"}
 
-# The remapping schemes (dass_ray.remap.schemes(); a test keeps the two equal) and scale names
-# (dass_ray.config.SCALES), listed here so that validation needs no torch.
+# The remapping schemes (dass_ray.core.remap.schemes(); a test keeps the two equal) and scale names
+# (dass_ray.core.config.SCALES), listed here so that validation needs no torch.
 REMAP_SCHEMES = ("first_k", "last_k", "uniform", "random")
 SCALE_SPACES = {"cpu": "cpu", "tiny": "cpu", "paper": "paper"}  # scale -> the search space it searches
 SCALE_NAMES = tuple(SCALE_SPACES)
@@ -415,7 +415,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class StudentResult:
-    arch: dict  # {"widths": [[...] per stage]} (dass_ray.space.ArchConfig.to_dict)
+    arch: dict  # {"widths": [[...] per stage]} (dass_ray.core.space.ArchConfig.to_dict)
     arch_json: str
     measured_acc: float
     predicted_acc: float

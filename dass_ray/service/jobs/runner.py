@@ -1,12 +1,9 @@
 """The job runner: schedules, launches, watches and finalizes the searches of the job table."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def default_search_command() -> list[str]:
     """How to start a search: `$DASS_RAY_SEARCH_CMD` if set, else this interpreter on the repository's
-    scripts/search.py, else `python -m dass_ray.search_cli` (an installed package without the scripts)."""
+    scripts/search.py, else `python -m dass_ray.search.cli` (an installed package without the scripts)."""
     env = os.environ.get("DASS_RAY_SEARCH_CMD")
     if env:
         return shlex.split(env)
     script = ROOT / "scripts" / "search.py"
     if script.is_file():
         return [sys.executable, str(script)]
-    return [sys.executable, "-m", "dass_ray.search_cli"]
+    return [sys.executable, "-m", "dass_ray.search.cli"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

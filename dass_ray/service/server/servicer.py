@@ -7,6 +7,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -23,6 +24,10 @@ try:
 except ImportError as e:  # pragma: no cover - only on an install that skipped the generator
     raise ImportError(f"the generated gRPC code is missing ({e}); run `make proto` "
                       f"(python scripts/gen_proto.py)") from None
+
+if TYPE_CHECKING:
+    from dass_ray.service.server.app import ServerConfig
+    from dass_ray.service.server.rpc import TokenFile
 
 log = logging.getLogger("dass_ray.server")
 

@@ -1,6 +1,6 @@
 """The exported student: a TorchScript file that takes images as a user has them (plain PyTorch, no Ray).
 
-A search trains its students on tensors made by `dass_ray.data`: images decoded to uint8 RGB at the dataset's
+A search trains its students on tensors made by `dass_ray.core.data`: images decoded to uint8 RGB at the dataset's
 native size (grayscale replicated to 3 channels), then `to_tensor` (scale to [0, 1], bilinear resize to the space's
 ``image_size``, antialiased when downsizing, clamp, normalise with `MEAN` / `STD`). `Preprocessed` wraps a student
 with exactly those steps, so the exported file maps uint8 images [N, H, W, C] at the native size to logits
@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dass_ray.data import MEAN, STD
+from dass_ray.core.data import MEAN, STD
 from dass_ray.service.contract import InputSpec
 
 __all__ = ["InputSpec", "Preprocessed", "export_student", "spec_for"]
 
 
 def spec_for(data, model_size: int) -> InputSpec:
-    """The `InputSpec` of a model trained at `model_size` on `data` (a `dass_ray.kd.TensorData` built by
+    """The `InputSpec` of a model trained at `model_size` on `data` (a `dass_ray.core.kd.TensorData` built by
     `TensorData.from_datasets`, which records the images' native (H, W, C))."""
     if data.native_shape is None:
         raise ValueError("TensorData has no native_shape (not built by TensorData.from_datasets)")
@@ -47,7 +47,7 @@ class Preprocessed(nn.Module):
         self.mean, self.inv_std = spec.mean, 1.0 / spec.std
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, H, W, 1|3] 0..255 -> float32 [N, 3, S, S], as `dass_ray.data.to_tensor` computes it."""
+        """[N, H, W, 1|3] 0..255 -> float32 [N, 3, S, S], as `dass_ray.core.data.to_tensor` computes it."""
         if x.dim() != 4 or (x.shape[3] != 1 and x.shape[3] != 3):
             raise ValueError(f"expected images [N, H, W, C] with C 1 or 3 (values 0..255), got shape {x.shape}")
         if x.shape[3] == 1:  # as the loader: grayscale replicated to RGB
@@ -65,7 +65,7 @@ class Preprocessed(nn.Module):
 
 
 def export_student(model: nn.Module, spec: InputSpec, path: str | Path) -> None:
-    """Write `model` (a `dass_ray.nets.ResNet`) behind `Preprocessed` as a TorchScript file for `torch.jit.load`,
+    """Write `model` (a `dass_ray.core.nets.ResNet`) behind `Preprocessed` as a TorchScript file for `torch.jit.load`,
     in eval mode. `model` itself is not changed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 calls torch.jit deprecated; still what loads

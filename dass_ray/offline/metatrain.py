@@ -8,28 +8,15 @@ workers sees exactly the same queries. Model selection: mean Spearman on meta-va
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from dass_ray.kd import atomic_torch_save
-from dass_ray.meta import MetaSGD, kendall, spearman, teacher_support
-from dass_ray.metadataset import MetaTask
-from dass_ray.predictor import Predictor, PredictorBatch, PredictorConfig
-from dass_ray.space import SpaceConfig
-
-FORMAT = "dass_ray.predictor/1"
-
-
-def make_model(space: SpaceConfig, use_functional: bool = True, inner_lr: float = 0.005, seed: int = 0) -> MetaSGD:
-    torch.manual_seed(seed)
-    cfg = PredictorConfig(space.feature_channels, space.encoding_size, use_functional=use_functional)
-    return MetaSGD(Predictor(cfg), inner_lr=inner_lr)
-
+from dass_ray.core.meta import MetaSGD, kendall, make_model, spearman, teacher_support
+from dass_ray.offline.metadataset import MetaTask
+from dass_ray.core.predictor import PredictorBatch
+from dass_ray.core.space import SpaceConfig
 
 def query_indices(n: int, size: int, seed: int, episode: int, task_index: int) -> np.ndarray:
     rng = np.random.default_rng([seed, episode, task_index])
@@ -117,36 +104,3 @@ def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], 
     if best[1] is not None:
         model.load_state_dict(best[1])
     return model, {"best_val_spearman": best[0], "best_episode": best[2]}
-
-
-def save_predictor(path: str | Path, model: MetaSGD, space: SpaceConfig, meta: dict | None = None) -> None:
-    blob = {"format": FORMAT, "predictor_config": model.predictor.cfg.to_dict(), "space": space.to_dict(),
-            "encoding_layout": space.encoding_layout(), "inner_steps": model.inner_steps,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "meta": dict(meta or {})}
-    atomic_torch_save(blob, path)
-
-
-def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[MetaSGD, dict]:
-    """(model, blob). With `space`, checks that the checkpoint's encoding layout and feature shape match it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: predictor checkpoint not found")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{p}: not a readable predictor checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{p}: not a dass_ray predictor checkpoint (format {FORMAT!r} expected)")
-    cfg = PredictorConfig.from_dict(blob["predictor_config"])
-    if space is not None:
-        want = json.loads(json.dumps(space.encoding_layout()))
-        if json.loads(json.dumps(blob["encoding_layout"])) != want or cfg.feature_channels != space.feature_channels:
-            raise ValueError(f"{p}: the predictor was trained for a different search space "
-                             f"(encoding layout / feature channels differ from space {space.name!r})")
-    model = MetaSGD(Predictor(cfg), inner_steps=int(blob.get("inner_steps", 1)))
-    model.load_state_dict(blob["state_dict"])
-    rng = (blob.get("meta") or {}).get("train_teacher_acc_range")
-    if rng is not None:
-        model.teacher_acc_range = (float(rng[0]), float(rng[1]))
-    return model.eval(), blob

@@ -18,11 +18,11 @@ import numpy as np
 import ray
 import torch
 
-from dass_ray.embed import Embedder
-from dass_ray.meta import MetaSGD, teacher_support
-from dass_ray.predictor import PredictorBatch
-from dass_ray.resources import ray_options
-from dass_ray.space import ArchConfig, SpaceConfig
+from dass_ray.core.embed import Embedder
+from dass_ray.core.meta import MetaSGD, teacher_support
+from dass_ray.core.predictor import PredictorBatch
+from dass_ray.search.resources import ray_options
+from dass_ray.core.space import ArchConfig, SpaceConfig
 
 # A batch whose embeddings or scores are lost this many times (actor deaths, lost nodes) fails the call.
 MAX_BATCH_ATTEMPTS = 6
@@ -53,7 +53,7 @@ class PredictorActor:
     """Holds the adapted predictor parameters; GPU when it was given one."""
 
     def __init__(self, predictor_cfg: dict, params: dict, teacher_map: np.ndarray, threads: int = 1):
-        from dass_ray.predictor import Predictor, PredictorConfig
+        from dass_ray.core.predictor import Predictor, PredictorConfig
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"

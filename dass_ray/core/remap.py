@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from .nets import build, expected_shapes
-from .space import ArchConfig, SpaceConfig
+from dass_ray.core.nets import build, expected_shapes
+from dass_ray.core.space import ArchConfig, SpaceConfig
 
 IndexFn = Callable[[int, int], torch.Tensor]
 _SCHEMES: dict[str, IndexFn | None] = {}

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nets import build, match_channels
-from .remap import check_state_dict, remapped_student
-from .space import ArchConfig, SpaceConfig
+from dass_ray.core.nets import build, match_channels
+from dass_ray.core.remap import check_state_dict, remapped_student
+from dass_ray.core.space import ArchConfig, SpaceConfig
 
 
 def noise_input(space: SpaceConfig, seed: int = 0) -> torch.Tensor:

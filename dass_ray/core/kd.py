@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dass_ray.config import KDConfig, TeacherConfig
-from dass_ray.data import ImageDataset, to_tensor
-from dass_ray.nets import build
-from dass_ray.remap import remap
-from dass_ray.space import ArchConfig, SpaceConfig
+from dass_ray.core.config import KDConfig, TeacherConfig
+from dass_ray.core.data import ImageDataset, to_tensor
+from dass_ray.core.nets import build
+from dass_ray.core.remap import remap
+from dass_ray.core.space import ArchConfig, SpaceConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -43,7 +43,7 @@ from dass_ray.space import ArchConfig, SpaceConfig
 @dataclass
 class TensorData:
     """A task's train/val split as normalised tensors [N,3,S,S] and int64 labels. ``native_shape``: (H, W, C) of the
-    images before `to_tensor` (the dataset's own size and channels, see `dass_ray.export.spec_for`)."""
+    images before `to_tensor` (the dataset's own size and channels, see `dass_ray.core.export.spec_for`)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .space import ArchConfig, SpaceConfig
+from dass_ray.core.space import ArchConfig, SpaceConfig
 
 
 def match_channels(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -8,14 +8,16 @@ treated as a constant (no second-order term), but the step sizes still receive g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .predictor import Predictor, PredictorBatch
+from dass_ray.core.predictor import Predictor, PredictorBatch, PredictorConfig
+from dass_ray.core.space import SpaceConfig
 
 
 def inner_update(
@@ -163,3 +165,52 @@ def _rank(x: np.ndarray) -> np.ndarray:
     _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
     sums = np.bincount(inv, weights=ranks)
     return sums[inv] / counts[inv]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predictor checkpoints (the one loader: search, evaluation and meta-training all use it)
+# ----------------------------------------------------------------------------------------------------------------
+
+FORMAT = "dass_ray.predictor/1"
+
+
+def make_model(space: SpaceConfig, use_functional: bool = True, inner_lr: float = 0.005, seed: int = 0) -> MetaSGD:
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
+        torch.manual_seed(seed)
+        cfg = PredictorConfig(space.feature_channels, space.encoding_size, use_functional=use_functional)
+        return MetaSGD(Predictor(cfg), inner_lr=inner_lr)
+
+
+def save_predictor(path: str | Path, model: MetaSGD, space: SpaceConfig, meta: dict | None = None) -> None:
+    from dass_ray.core.kd import atomic_torch_save  # kd loads pyarrow: not in the light actor processes
+
+    blob = {"format": FORMAT, "predictor_config": model.predictor.cfg.to_dict(), "space": space.to_dict(),
+            "encoding_layout": space.encoding_layout(), "inner_steps": model.inner_steps,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "meta": dict(meta or {})}
+    atomic_torch_save(blob, path)
+
+
+def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[MetaSGD, dict]:
+    """(model, blob). With `space`, checks that the checkpoint's encoding layout and feature shape match it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: predictor checkpoint not found")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable predictor checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{p}: not a dass_ray predictor checkpoint (format {FORMAT!r} expected)")
+    cfg = PredictorConfig.from_dict(blob["predictor_config"])
+    if space is not None:
+        want = json.loads(json.dumps(space.encoding_layout()))
+        if json.loads(json.dumps(blob["encoding_layout"])) != want or cfg.feature_channels != space.feature_channels:
+            raise ValueError(f"{p}: the predictor was trained for a different search space "
+                             f"(encoding layout / feature channels differ from space {space.name!r})")
+    model = MetaSGD(Predictor(cfg), inner_steps=int(blob.get("inner_steps", 1)))
+    model.load_state_dict(blob["state_dict"])
+    rng = (blob.get("meta") or {}).get("train_teacher_acc_range")
+    if rng is not None:
+        model.teacher_acc_range = (float(rng[0]), float(rng[1]))
+    return model.eval(), blob

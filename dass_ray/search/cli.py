@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dass_ray.rayutil import init_ray
+    from dass_ray.search.rayutil import init_ray
 
     init_ray(cfg.address, cfg.num_cpus)
     try:

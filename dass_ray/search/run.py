@@ -2,65 +2,36 @@
 
 Stages (each logged to `<output>/events.jsonl` with gapless sequence numbers, and resumable with `resume=True`):
 validate -> [teacher] -> embed/score (candidates.parquet) -> kd (trials.parquet) -> export -> done | failed.
-Validation happens before any Ray work (`prepare`); errors there are `InputError` (exit code 2 in the CLI).
+Validation happens before any Ray work (`dass_ray.search.inputs`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import pickle
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ray.tune import Callback
-from ray.tune.search import Searcher
 
-from dass_ray.config import ScaleConfig, get_scale
-from dass_ray.data import DatasetError, bundled_path
-from dass_ray.embed import Embedder
-from dass_ray.export import export_student, spec_for
-from dass_ray.kd import (TeacherCheckpoint, TensorData, compute_soft_labels, load_teacher, round_half,
-                         train_kd, train_teacher)
-from dass_ray.meta import MetaSGD
-from dass_ray.metadataset import dataset_task
-from dass_ray.metatrain import load_predictor
-from dass_ray.nets import build
-from dass_ray.predictor import PredictorBatch
-from dass_ray.rayutil import Progress, resolve_storage
-from dass_ray.resources import max_cluster_cpus
-from dass_ray.scoring import score_candidates
+from dass_ray.core.embed import Embedder
+from dass_ray.core.export import export_student, spec_for
+from dass_ray.core.kd import TeacherCheckpoint, compute_soft_labels, load_teacher, round_half, train_teacher
+from dass_ray.core.nets import build
+from dass_ray.core.predictor import PredictorBatch
+from dass_ray.core.space import ArchConfig
+from dass_ray.search.inputs import Prepared, teacher_range_warning
+from dass_ray.search.rayutil import Progress
+from dass_ray.search.report import write_report
+from dass_ray.search.resources import max_cluster_cpus
+from dass_ray.search.scoring import score_candidates
+from dass_ray.search.searcher import DaSSSearcher
+from dass_ray.search.trainable import _bundle, _checkpoint_uri, _TrialRecorder, kd_trainable
 from dass_ray.service import contract as C
-from dass_ray.service.contract import RequestError, SearchRequest
-from dass_ray.space import ArchConfig, SpaceConfig, get_space
-
-DEFAULT_TEACHER, DEFAULT_PREDICTOR = Path(C.DEFAULT_TEACHER), Path(C.DEFAULT_PREDICTOR)
-
-
-class InputError(ValueError):
-    """Bad user input, detected before any Ray work."""
-
-
-@dataclass(frozen=True)
-class SearchConfig(SearchRequest):
-    """A `SearchRequest` (the contract's knobs) plus where and how this process runs it."""
-
-    output: str = "runs/search"
-    address: str | None = None  # Ray cluster address; None: start a local Ray
-    resume: bool = False
-    num_cpus: int | None = None  # CPUs of a local Ray instance (None: all)
-    data_root: str | None = None
-    # Where KD-trial checkpoints go (Tune's storage_path): a directory every node can reach (NFS/EFS mount) or a
-    # URI (s3://, gs://, file://). None: $DASS_RAY_STORAGE, else <output>/tune (enough on one machine).
-    storage: str | None = None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Events and state
@@ -95,221 +66,6 @@ class EventLog:
             f.flush()
             os.fsync(f.fileno())
         self.seq += 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation (no Ray)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prepared:
-    cfg: SearchConfig
-    scale: ScaleConfig
-    space: SpaceConfig
-    data: TensorData
-    teacher: TeacherCheckpoint | None  # None: train one
-    predictor: MetaSGD
-    out: Path
-    predictor_meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's training manifest
-
-
-def _dataset_path(s: str) -> str:
-    p = Path(s)
-    if not p.exists():
-        try:
-            return str(bundled_path(s))
-        except Exception:
-            raise InputError(f"--dataset: {s} does not exist (a Parquet/.npz file, an ImageFolder directory, "
-                             f"or a bundled name: mnist5k, omniglot_small)") from None
-    return s
-
-
-def prepare(cfg: SearchConfig) -> Prepared:
-    """Check every input; raise InputError with a one-line reason. No Ray work happens here."""
-    try:
-        cfg.validate()
-    except RequestError as e:
-        raise InputError(f"--{e.field.replace('_', '-')}: {e}") from None
-    scale = get_scale(cfg.scale)
-    if cfg.kd_epochs:
-        scale = scale.replace(kd={"epochs": cfg.kd_epochs})
-    if cfg.remap:  # the distilled students' initialisation; the predictor's embeddings keep the scale's scheme
-        scale = scale.replace(kd={"remap": cfg.remap})
-    ds_path = _dataset_path(cfg.dataset)
-    teacher = None
-    if cfg.teacher != "train":
-        try:
-            teacher = load_teacher(cfg.teacher)
-        except ValueError as e:
-            raise InputError(f"--teacher: {e}") from None
-    try:
-        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root, classes=cfg.classes)
-    except RequestError as e:
-        raise InputError(f"--classes: {e}") from None
-    except (DatasetError, ValueError) as e:
-        raise InputError(f"--dataset: {e}") from None
-    space = get_space(scale.space, data.num_classes)
-    if teacher is not None:
-        if teacher.space.num_classes != data.num_classes:
-            what = "--classes names" if cfg.classes else f"the dataset {ds_path} has"
-            raise InputError(f"--teacher: its head has {teacher.space.num_classes} classes but {what} "
-                             f"{data.num_classes}")
-        if dataclasses.replace(teacher.space, num_classes=space.num_classes) != space:
-            raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
-                             f"({teacher.space.image_size}px); this search uses {space.name!r}")
-    try:
-        space.check_budget(max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
-    except ValueError as e:
-        raise InputError(f"budget: {e}") from None
-    try:
-        predictor, blob = load_predictor(cfg.predictor, space)
-    except ValueError as e:
-        raise InputError(f"--predictor: {e}") from None
-    out = Path(cfg.output)
-    try:
-        cfg = dataclasses.replace(cfg, storage=resolve_storage(cfg.storage, out / "tune"))
-    except ValueError as e:
-        raise InputError(f"--storage: {e}") from None
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
-    return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}))
-
-
-def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:
-    """A warning when the teacher's accuracy lies outside the range of the predictor's meta-training teachers:
-    the teacher-guided adaptation step is then skipped (`MetaSGD.gated`: one step on such a teacher inverted the
-    ranking of the 16%-accuracy Omniglot teacher), and the ranking is the unadapted predictor's."""
-    rng = predictor_meta.get("train_teacher_acc_range")
-    if not rng or rng[0] <= teacher_acc <= rng[1]:
-        return None
-    return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
-            f"({rng[0]:.2f}-{rng[1]:.2f}): ranking without the teacher-guided adaptation step; --readapt adapts on "
-            f"the measured students instead")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tune searcher
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class DaSSSearcher(Searcher):
-    """Proposes candidates in predicted order, exactly `budget` of them.
-
-    `ranked`: candidate indices, best first. Repeated `suggest` for the same trial id returns the same config and
-    repeated `on_trial_complete` is ignored. With `rerank(measured) -> new order of the remaining indices`, the
-    order of what is left is recomputed after each finished trial. `save`/`restore` persist the state.
-    """
-
-    def __init__(self, arch_jsons: list[str], predicted: np.ndarray, ranked: list[int], budget: int,
-                 metric: str = "best_acc", mode: str = "max", rerank=None, done: dict | None = None):
-        super().__init__(metric=metric, mode=mode)
-        self.arch_jsons, self.predicted = list(arch_jsons), np.asarray(predicted, dtype=float)
-        self.remaining = [int(i) for i in ranked]
-        self.budget = int(budget)
-        self.rerank = rerank
-        self.assigned: dict[str, int] = {}
-        self.completed: dict[str, tuple[int, float | None]] = {}
-        self.prior = dict(done or {})  # candidate index -> measured accuracy (finished before a resume)
-        self.remaining = [i for i in self.remaining if i not in self.prior]
-
-    def suggest(self, trial_id: str):
-        if trial_id in self.assigned:
-            return self._config(self.assigned[trial_id])
-        if len(self.assigned) + len(self.prior) >= self.budget or not self.remaining:
-            return Searcher.FINISHED
-        idx = self.remaining.pop(0)
-        self.assigned[trial_id] = idx
-        return self._config(idx)
-
-    def _config(self, idx: int) -> dict:
-        return {"index": idx, "arch_json": self.arch_jsons[idx], "predicted": float(self.predicted[idx])}
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.completed or trial_id not in self.assigned:
-            return
-        acc = None if (error or not result or result.get(self.metric) is None) else float(result[self.metric])
-        self.completed[trial_id] = (self.assigned[trial_id], acc)
-        if self.rerank is not None and self.remaining:
-            measured = dict(self.prior)
-            measured.update({i: a for i, a in self.completed.values() if a is not None})
-            self.remaining = list(self.rerank(measured, list(self.remaining)))
-
-    def measured(self) -> dict[int, float | None]:
-        out = dict(self.prior)
-        out.update({i: a for i, a in self.completed.values()})
-        return out
-
-    def get_state(self) -> dict:
-        return {"remaining": self.remaining, "assigned": self.assigned, "completed": self.completed,
-                "prior": self.prior, "budget": self.budget}
-
-    def set_state(self, state: dict) -> None:
-        self.remaining, self.assigned = list(state["remaining"]), dict(state["assigned"])
-        self.completed, self.prior, self.budget = dict(state["completed"]), dict(state["prior"]), state["budget"]
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KD trials
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def kd_trainable(config: dict, ctx: dict) -> None:
-    """A Tune function trainable: one student's KD run, checkpointed every epoch, resumable."""
-    import tempfile
-
-    from ray import tune
-
-    torch.set_num_threads(int(ctx.get("threads", 1)))
-    arch = ArchConfig.from_json(config["arch_json"])
-    resume = None
-    ck = tune.get_checkpoint()
-    if ck is not None:
-        with ck.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
-
-    class _Rep:
-        def report(self, metrics, state):
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state(), Path(d) / "state.pt")
-                tune.report({"val_acc": metrics["val_acc"], "best_acc": metrics["best_acc"],
-                             "epoch": metrics["epoch"], "loss": metrics["loss"], "status": "running"},
-                            checkpoint=tune.Checkpoint.from_directory(d))
-
-    res = train_kd(arch, ctx["space"], ctx["teacher_sd"], ctx["data"], ctx["kd"], seed=ctx["seed"],
-                   soft=ctx["soft"], reporter=_Rep(), resume=resume)
-    if not res.ok:
-        tune.report({"val_acc": res.final_acc, "best_acc": None, "epoch": res.epochs, "status": "failed",
-                     "reason": res.reason})
-
-
-class _TrialRecorder(Callback):
-    """A Tune callback that appends every finished trial to trials.parquet at once (resume keeps them).
-
-    Tune pickles its callbacks into the experiment state; the run (event log, open files) is left out of it, so
-    an unpickled copy records nothing (this process's run resumes from trials.parquet instead)."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def __getstate__(self):
-        return {"run": None}
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if self.run is not None:
-            self.run.record_trial(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        if self.run is not None:
-            self.run.record_trial(trial, error=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,7 +134,7 @@ class SearchRun:
 
         model, res = train_teacher(p.space, p.data, p.scale.teacher, seed=self.cfg.seed, reporter=Rep())
         model.load_state_dict(round_half(model.state_dict()))
-        from dass_ray.kd import evaluate, save_teacher
+        from dass_ray.core.kd import evaluate, save_teacher
 
         acc = evaluate(model, p.data.x_val, p.data.y_val)
         save_teacher(path, model, p.space, acc, p.data.class_names, half=True,
@@ -561,59 +317,7 @@ class SearchRun:
             timings_s={k: v for k, v in self.state["timings"].items() if k in C.TIMED_STAGES},
             warnings=list(self.warnings))
         result.write(self.out / C.RESULT_FILE)
-        self._report(cands, trials, result)
+        write_report(self.out / "report.png", cands, trials, result, self.cfg.max_flops)
         self.events.emit("export", 1, 1, "wrote student.pt, student.torchscript.pt, result.json, report.png")
         self._save_state()
         return result
-
-    def _report(self, cands: pa.Table, trials: list[dict], result: C.SearchResult) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-        ok = [r for r in trials if r["status"] == "ok"]
-        a1.scatter([r["predicted_acc"] for r in ok], [r["measured_acc"] for r in ok], c="C1")
-        for r in ok:
-            a1.annotate(str(r["index"]), (r["predicted_acc"], r["measured_acc"]), fontsize=7)
-        a1.set_xlabel("predicted post-KD accuracy (DaSS score: ranks, not calibrated)")
-        a1.set_ylabel("measured post-KD accuracy")
-        a1.set_title("distilled students")
-        # the predictor ranks; its absolute level can sit far from the measured accuracies, so the predicted
-        # scores of all candidates get their own axis (right) and the measured accuracies the left one
-        flops = cands["flops"].to_numpy() / 1e6
-        a3 = a2.twinx()
-        a3.scatter(flops, cands["predicted_acc"].to_numpy(), s=3, c="0.7", label="candidates (predicted, right axis)")
-        a3.set_ylabel("predicted score", color="0.4")
-        a2.set_zorder(a3.get_zorder() + 1)
-        a2.patch.set_visible(False)
-        a2.scatter([flops[r["index"]] for r in ok], [r["measured_acc"] for r in ok], c="C1", label="distilled (measured)")
-        a2.axhline(result.teacher_acc, ls=":", c="k", lw=1, label="teacher")
-        if self.cfg.max_flops:
-            a2.axvline(self.cfg.max_flops / 1e6, ls="--", c="C3", lw=1, label="FLOPs budget")
-        a2.set_xlabel("MFLOPs")
-        a2.set_ylabel("measured accuracy")
-        h2, l2 = a2.get_legend_handles_labels()
-        h3, l3 = a3.get_legend_handles_labels()
-        a2.legend(h2 + h3, l2 + l3, fontsize=7)
-        fig.tight_layout()
-        fig.savefig(self.out / "report.png", dpi=100)
-        plt.close(fig)
-
-
-def _checkpoint_uri(ck) -> str:
-    """Where a Tune checkpoint lives, as a path (local file system) or a URI that `ray.train.Checkpoint` opens."""
-    if ck is None:
-        return ""
-    fs = ck.filesystem
-    if fs is None or fs.type_name == "local":
-        return ck.path
-    scheme = {"gcs": "gs"}.get(fs.type_name, fs.type_name)
-    return f"{scheme}://{ck.path}"
-
-
-def _bundle(kind: str) -> dict:
-    from dass_ray.resources import resource_bundle
-
-    return resource_bundle(kind)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from dass_ray.metadataset import MetaTask
-from dass_ray.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_model, make_optimizer
-from dass_ray.resources import scaling_config_kwargs
-from dass_ray.space import SpaceConfig
+from dass_ray.offline.metadataset import MetaTask
+from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_optimizer
+from dass_ray.core.meta import make_model
+from dass_ray.search.resources import scaling_config_kwargs
+from dass_ray.core.space import SpaceConfig
 
 
 def _loop(config: dict) -> None:

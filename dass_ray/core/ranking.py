@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dass_ray.meta import kendall, spearman
+from dass_ray.core.meta import kendall, spearman
 
 CI = (2.5, 97.5)
 

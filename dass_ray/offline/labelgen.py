@@ -16,16 +16,16 @@ from pathlib import Path
 import ray
 import torch
 
-from dass_ray.config import ScaleConfig
-from dass_ray.data import TaskSpec, load_tasks, save_tasks
-from dass_ray.embed import noise_input
-from dass_ray.kd import (SoftLabels, TensorData, TrainResult, compute_soft_labels, load_teacher, round_half, save_teacher,
+from dass_ray.core.config import ScaleConfig
+from dass_ray.core.tasks import TaskSpec, load_tasks, save_tasks
+from dass_ray.core.embed import noise_input
+from dass_ray.core.kd import (SoftLabels, TensorData, TrainResult, compute_soft_labels, load_teacher, round_half, save_teacher,
                          train_teacher)
-from dass_ray.metadataset import (MetaDatasetStore, TaskContext, TaskGroup, atomic_write_text, code_version, machine,
-                                  make_tasks, run_key, run_student, student_plan, student_row, task_data)
-from dass_ray.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
-from dass_ray.rayutil import Progress
-from dass_ray.space import get_space
+from dass_ray.offline.metadataset import MetaDatasetStore, TaskContext, atomic_write_text, code_version, machine, run_key, run_student, student_plan, student_row, task_data
+from dass_ray.offline.plans import TaskGroup, make_tasks
+from dass_ray.search.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
+from dass_ray.search.rayutil import Progress
+from dass_ray.core.space import get_space
 
 # ----------------------------------------------------------------------------------------------------------------
 # Teachers (Ray Train)
@@ -87,8 +87,8 @@ def _save_trained_teacher(tp: Path, task: TaskSpec, data: TensorData, scale: Sca
                           wall: float) -> float:
     """Round to half precision (what is stored is what every later stage uses), evaluate, save atomically;
     returns the validation accuracy."""
-    from dass_ray.kd import evaluate
-    from dass_ray.nets import build as build_net
+    from dass_ray.core.kd import evaluate
+    from dass_ray.core.nets import build as build_net
 
     sd = round_half(sd)
     space = get_space(scale.space, data.num_classes)
@@ -107,7 +107,7 @@ def _save_trained_teacher(tp: Path, task: TaskSpec, data: TensorData, scale: Sca
 
 @ray.remote(max_retries=2)
 def _student_remote(ctx: TaskContext, arch_json: str, scale: ScaleConfig, seed: int, replicate: int) -> dict:
-    from dass_ray.space import ArchConfig
+    from dass_ray.core.space import ArchConfig
 
     return run_student(ctx, ArchConfig.from_json(arch_json), scale, seed, replicate, threads=scale.threads_per_run)
 

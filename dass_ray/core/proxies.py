@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dass_ray.nets import BasicBlock, ConvBN
+from dass_ray.core.nets import BasicBlock, ConvBN
 
 
 def synflow(model: nn.Module, image_size: int, in_channels: int = 3) -> float:

@@ -1,0 +1,125 @@
+"""Checking a search's inputs before any Ray work: `prepare(SearchConfig) -> Prepared` or `InputError` with a
+one-line reason (exit code 2 in the CLI)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from dass_ray.core.config import ScaleConfig, get_scale
+from dass_ray.core.data import DatasetError, bundled_path
+from dass_ray.core.kd import TeacherCheckpoint, TensorData, load_teacher
+from dass_ray.core.meta import MetaSGD, load_predictor
+from dass_ray.core.space import SpaceConfig, get_space
+from dass_ray.core.tasks import dataset_task
+from dass_ray.fileutil import resolve_storage
+from dass_ray.service import contract as C
+from dass_ray.service.contract import RequestError, SearchRequest
+
+DEFAULT_TEACHER, DEFAULT_PREDICTOR = Path(C.DEFAULT_TEACHER), Path(C.DEFAULT_PREDICTOR)
+
+
+class InputError(ValueError):
+    """Bad user input, detected before any Ray work."""
+
+
+@dataclass(frozen=True)
+class SearchConfig(SearchRequest):
+    """A `SearchRequest` (the contract's knobs) plus where and how this process runs it."""
+
+    output: str = "runs/search"
+    address: str | None = None  # Ray cluster address; None: start a local Ray
+    resume: bool = False
+    num_cpus: int | None = None  # CPUs of a local Ray instance (None: all)
+    data_root: str | None = None
+    # Where KD-trial checkpoints go (Tune's storage_path): a directory every node can reach (NFS/EFS mount) or a
+    # URI (s3://, gs://, file://). None: $DASS_RAY_STORAGE, else <output>/tune (enough on one machine).
+    storage: str | None = None
+
+
+
+@dataclass
+class Prepared:
+    cfg: SearchConfig
+    scale: ScaleConfig
+    space: SpaceConfig
+    data: TensorData
+    teacher: TeacherCheckpoint | None  # None: train one
+    predictor: MetaSGD
+    out: Path
+    predictor_meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's training manifest
+
+
+def _dataset_path(s: str) -> str:
+    p = Path(s)
+    if not p.exists():
+        try:
+            return str(bundled_path(s))
+        except Exception:
+            raise InputError(f"--dataset: {s} does not exist (a Parquet/.npz file, an ImageFolder directory, "
+                             f"or a bundled name: mnist5k, omniglot_small)") from None
+    return s
+
+
+def prepare(cfg: SearchConfig) -> Prepared:
+    """Check every input; raise InputError with a one-line reason. No Ray work happens here."""
+    try:
+        cfg.validate()
+    except RequestError as e:
+        raise InputError(f"--{e.field.replace('_', '-')}: {e}") from None
+    scale = get_scale(cfg.scale)
+    if cfg.kd_epochs:
+        scale = scale.replace(kd={"epochs": cfg.kd_epochs})
+    if cfg.remap:  # the distilled students' initialisation; the predictor's embeddings keep the scale's scheme
+        scale = scale.replace(kd={"remap": cfg.remap})
+    ds_path = _dataset_path(cfg.dataset)
+    teacher = None
+    if cfg.teacher != "train":
+        try:
+            teacher = load_teacher(cfg.teacher)
+        except ValueError as e:
+            raise InputError(f"--teacher: {e}") from None
+    try:
+        pick = (lambda names: C.resolve_classes(cfg.classes, names)) if cfg.classes else None
+        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root, pick_classes=pick)
+    except RequestError as e:
+        raise InputError(f"--classes: {e}") from None
+    except (DatasetError, ValueError) as e:
+        raise InputError(f"--dataset: {e}") from None
+    space = get_space(scale.space, data.num_classes)
+    if teacher is not None:
+        if teacher.space.num_classes != data.num_classes:
+            what = "--classes names" if cfg.classes else f"the dataset {ds_path} has"
+            raise InputError(f"--teacher: its head has {teacher.space.num_classes} classes but {what} "
+                             f"{data.num_classes}")
+        if dataclasses.replace(teacher.space, num_classes=space.num_classes) != space:
+            raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
+                             f"({teacher.space.image_size}px); this search uses {space.name!r}")
+    try:
+        space.check_budget(max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
+    except ValueError as e:
+        raise InputError(f"budget: {e}") from None
+    try:
+        predictor, blob = load_predictor(cfg.predictor, space)
+    except ValueError as e:
+        raise InputError(f"--predictor: {e}") from None
+    out = Path(cfg.output)
+    try:
+        cfg = dataclasses.replace(cfg, storage=resolve_storage(cfg.storage, out / "tune"))
+    except ValueError as e:
+        raise InputError(f"--storage: {e}") from None
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
+    return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}))
+
+
+def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:
+    """A warning when the teacher's accuracy lies outside the range of the predictor's meta-training teachers:
+    the teacher-guided adaptation step is then skipped (`MetaSGD.gated`: one step on such a teacher inverted the
+    ranking of the 16%-accuracy Omniglot teacher), and the ranking is the unadapted predictor's."""
+    rng = predictor_meta.get("train_teacher_acc_range")
+    if not rng or rng[0] <= teacher_acc <= rng[1]:
+        return None
+    return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
+            f"({rng[0]:.2f}-{rng[1]:.2f}): ranking without the teacher-guided adaptation step; --readapt adapts on "
+            f"the measured students instead")
