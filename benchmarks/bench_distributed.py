@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.warm:
             sd_ref = ray.put(ck.state_dict)
             for e in (1, 2):
-                actors = [EncoderActor.options(num_cpus=min(1.0, cpus / 3)).remote(sd_ref, space.to_dict(), 0, 1)
+                actors = [EncoderActor.options(num_cpus=min(1.0, cpus / 3)).remote(space.to_dict(), 0, 1)
                           for _ in range(e)]
-                ray.get([a.embed.remote(0, [x.to_json() for x in w[:8]]) for a in actors])
+                ray.get([a.embed.remote(0, [x.to_json() for x in w[:8]], [sd_ref]) for a in actors])
                 t0 = time.perf_counter()
                 got = score_candidates(ck.state_dict, space, archs, model, ck.val_acc, predictors=1,
                                        batch_size=args.batch_size, actors=actors)

@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 
 
-def start_server(state: Path, token_file: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def start_server(state: Path, token_file: Path, workers: int) -> tuple[subprocess.Popen, int, float]:
+    """The server process, its port, and the seconds from launch until its health check answered SERVING."""
+    t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "dass_ray.service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--state-dir",
            str(state), "--token-file", str(token_file), "--workers", str(workers), "--max-queued", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(state.parent / "server.log", "wb"), text=True,
@@ -43,7 +45,22 @@ def start_server(state: Path, token_file: Path, workers: int) -> tuple[subproces
     if not m:
         p.kill()
         raise SystemExit(f"server did not start: {line!r}; see {state.parent / 'server.log'}")
-    return p, int(m.group(1))
+    port = int(m.group(1))
+    with SearchClient(f"127.0.0.1:{port}", "-", timeout=2) as c:
+        while True:
+            try:
+                if c.health() == "SERVING":
+                    return p, port, time.perf_counter() - t0
+            except ClientError:
+                time.sleep(0.05)
+
+
+def server_memory(pid: int) -> tuple[float, bool]:
+    """(resident MB, whether libtorch or a Ray library is mapped) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return rss, ("libtorch" in maps or "_raylet" in maps)
 
 
 def main(argv=None) -> int:
@@ -61,7 +78,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
     token = secrets.token_hex(16)
     (work / "tokens").write_text(f"bench {token}\n")
-    proc, port = start_server(work / "state", work / "tokens", args.workers)
+    proc, port, ready_s = start_server(work / "state", work / "tokens", args.workers)
     target = f"127.0.0.1:{port}"
     lat: list[float] = []
     errors = [0]
@@ -135,6 +152,9 @@ def main(argv=None) -> int:
             t.join()
         wall = time.perf_counter() - t0
         time.sleep(1.0)  # let the runner finish the dry runs
+        with SearchClient(target, token) as c:  # one real upload: decoded by a check worker, not the server
+            c.upload_dataset(bundled_path("mnist5k"))
+        rss_mb, heavy = server_memory(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -157,7 +177,8 @@ def main(argv=None) -> int:
     print(json.dumps({"rps": round(len(lat) / wall, 1), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
                       "errors": errors[0], "jobs_submitted": len(submitted), "jobs_recorded": recorded,
                       "requests": n, "clients": args.clients, "submitters": args.submitters,
-                      "duration_s": round(wall, 2), "cpus": os.cpu_count()}))
+                      "duration_s": round(wall, 2), "cpus": os.cpu_count(), "serving_after_s": round(ready_s, 2),
+                      "server_rss_mb": round(rss_mb, 1), "server_loads_torch_or_ray": heavy}))
     return 0 if errors[0] == 0 and len(submitted) == recorded else 1
 
 

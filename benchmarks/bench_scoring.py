@@ -1,4 +1,5 @@
-"""Scoring benchmark: remap + embed + score N sampled candidates end to end (DESIGN.md section 2, issue 2).
+"""Scoring benchmark: remap + embed + score N sampled candidates end to end (docs/method.md, sections 2-4 and 8;
+issue 2).
 
     python benchmarks/bench_scoring.py [--n 4096] [--teacher PATH] [--reference K] [--repeats 3]
 

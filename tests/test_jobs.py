@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from dass_ray.service import jobs as J
@@ -313,7 +314,10 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # candidates were not scored again
     out = b.output_dir(job.job_id)
     res = json.loads((out / "result.json").read_text())
-    assert 0 <= res["best"]["measured_acc"] <= 1 and (out / "student.torchscript.pt").is_file()
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)  # top_k, each measured once
+    assert res["best"]["measured_acc"] == max(t["measured_acc"] for t in trials) > 0.1  # 10 classes: chance 0.1
+    assert (out / "student.torchscript.pt").is_file()
     # The search's own sequence numbers continue across the resume, with no gap.
     seqs = [json.loads(line)["seq"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert seqs == list(range(len(seqs)))

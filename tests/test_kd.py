@@ -85,7 +85,11 @@ def test_kd_beats_chance_and_is_deterministic(mnist_task, trained_teacher):
     soft = compute_soft_labels(teacher, mnist_task.x_train)
     arch = space.sample(np.random.default_rng(0))
     cfg = KDConfig(epochs=3, batch_size=32)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded by its argument, the caller's RNG untouched
+    torch.manual_seed(456)  # ... and not reading it either
     b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
     assert a.ok and a.best_acc > 0.6, a.history  # chance 1/3
     assert a.best_acc == max(h["val_acc"] for h in a.history) and a.final_acc == a.history[-1]["val_acc"]

@@ -185,7 +185,8 @@ def test_scoring_survives_a_killed_encoder_and_scores_each_candidate_once(ray_lo
     ref = model.predict(sup, PredictorBatch(eng.embed(archs).clone(), tmap,
                                             torch.from_numpy(space.encode_many(archs)))).numpy()
     sd_ref = ray.put(ck.state_dict)
-    actors = [EncoderActor.options(num_cpus=0.5).remote(sd_ref, space.to_dict(), 0, 1) for _ in range(2)]
+    actors = [EncoderActor.options(num_cpus=0.5).remote(space.to_dict(), 0, 1) for _ in range(2)]
+    ray.get([a.load.remote([sd_ref]) for a in actors])
     ray.get([a.node.remote() for a in actors])
     calls = []
 

@@ -679,7 +679,7 @@ def test_cancel_a_running_search(ray_server, ray_head, ray_alice, capsys, monkey
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray_alice):
+def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray_alice, tmp_path):
     alice = ray_alice
     job = alice.submit(dataset_path=str(MNIST), teacher_path=str(TEACHER), **TINY)
     wait_job(alice, job.job_id, lambda j: j.stage == "kd" or j.state in TERMINAL, 300, "the KD stage")
@@ -695,7 +695,12 @@ def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray
     assert [e.sequence for e in evs] == list(range(len(evs)))
     i = stages.index("resumed")
     assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # scored candidates were kept
-    assert alice.result(job.job_id).best.measured_acc >= 0
+    best = alice.result(job.job_id).best
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(alice.download(job.job_id, "trials", tmp_path)).to_pylist()
+    assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)  # top_k, each measured once
+    assert best.measured_acc == max(t["measured_acc"] for t in trials) > 0.1  # 10 classes: chance 0.1
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Every knob of one training scale in one place (DESIGN.md: "Our CPU-scale defaults ... in one config").
+"""Every knob of one training scale in one place (docs/method.md, section 7): the scaled-down CPU recipe is
+spelled out here once rather than spread over the scripts.
 
 `SCALES["cpu"]` is what the shipped teacher, meta-dataset, predictor and `make run` use; `SCALES["tiny"]` is for
 tests (seconds); `SCALES["paper"]` records the authors' recipe for reference. Nothing else in the package hard-codes

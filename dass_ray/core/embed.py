@@ -1,4 +1,4 @@
-"""Functional embeddings (DESIGN.md section 2): the last-stage map of a network on one fixed Gaussian input.
+"""Functional embeddings (docs/method.md, section 3): the last-stage map of a network on one fixed Gaussian input.
 
 This is the hot path of search (thousands of candidates per task), so besides the plain reference
 (`embed_reference`: build each remapped student, run it) there is a batched engine, `Embedder`, for the

@@ -318,7 +318,6 @@ def train_teacher(space: SpaceConfig, data: TensorData, cfg: TeacherConfig, seed
     if space.num_classes != data.num_classes:
         space = space.with_classes(data.num_classes)
     model = build(space.teacher(), space, seed=seed)
-    torch.manual_seed(seed)
 
     def loss_fn(logits, xb, yb, idx, flips):
         return {"loss": F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)}
@@ -438,7 +437,6 @@ def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: Tenso
     if soft is not None and soft.logits.shape[1] != data.x_train.shape[0]:
         raise ValueError(f"soft labels cover {soft.logits.shape[1]} samples; the training set has "
                          f"{data.x_train.shape[0]}")
-    torch.manual_seed(seed)
     student = init_student(arch, space, teacher_sd, teacher_arch, cfg.remap, seed)
     if teacher is not None:
         teacher.eval()

@@ -1,4 +1,4 @@
-"""Meta-learning for the predictor (DESIGN.md section 2): one-step MAML, second order, with a learned step
+"""Meta-learning for the predictor (docs/method.md, section 5): one-step MAML, second order, with a learned step
 size per parameter (Meta-SGD), and the teacher as the support set ("teacher-guided adaptation").
 
 `inner_update` is a pure function (torchmeta's `gradient_update_parameters` design): it returns a new

@@ -1,4 +1,4 @@
-"""Teacher/student ResNets of the ResNet-42 family (DESIGN.md section 2), plain PyTorch.
+"""Teacher/student ResNets of the ResNet-42 family (docs/method.md, section 1), plain PyTorch.
 
 Stem: 3x3 conv (stride 1) + BN + ReLU, no max-pool. Each block is a BasicBlock (two 3x3 convs + BN) whose
 shortcut carries no parameters: on stride 2 the identity is max-pooled (2x2), extra output channels are

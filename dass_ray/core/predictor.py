@@ -1,4 +1,4 @@
-"""The DaSS accuracy predictor (DESIGN.md section 2), with a functional forward for meta-learning.
+"""The DaSS accuracy predictor (docs/method.md, section 4), with a functional forward for meta-learning.
 
 Three encoders, concatenated, then `Linear -> Tanh -> Linear(1)`:
   student functional encoder: conv3x3 s2 (C4->128), ReLU, conv3x3 s2 (128->256), ReLU, global avg pool;

@@ -1,4 +1,4 @@
-"""Parameter remapping teacher -> student: pure functions over state dicts (DESIGN.md section 2).
+"""Parameter remapping teacher -> student: pure functions over state dicts (docs/method.md, section 2).
 
 Student block b of stage s takes teacher block b of stage s and keeps a subset of the output and input
 channels of every conv (BN weight, bias and running statistics sliced alike); the stem is sliced; the

@@ -1,4 +1,4 @@
-"""The student search space around a ResNet-42 teacher (DESIGN.md section 2).
+"""The student search space around a ResNet-42 teacher (docs/method.md, section 1).
 
 An architecture is a value: `ArchConfig` is frozen, validated against a `SpaceConfig`, hashable, round-trips
 through JSON, and `sample`/`mutate` return new values from an RNG that the caller passes in.

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 import torch
 
+from dass_ray.fileutil import resolve_storage
 from dass_ray.core.config import ScaleConfig
 from dass_ray.core.tasks import TaskSpec, load_tasks, save_tasks
 from dass_ray.core.embed import noise_input
@@ -64,7 +65,7 @@ def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, s
         train_loop_config={"scale": scale, "space": space, "data": data, "seed": seed, "threads": cpus},
         scaling_config=ScalingConfig(num_workers=1, **scaling_config_kwargs("teacher_train", num_cpus=cpus)),
         run_config=RunConfig(name=f"teacher-{task.task_id}",
-                             storage_path=storage if "://" in str(storage) else str(Path(storage).resolve())),
+                             storage_path=resolve_storage(str(storage), Path(storage))),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -180,9 +181,8 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
     # 2. one loop over teachers and students: missing teachers train (up to `teacher_parallel` Ray Train runs at
     # once, each saved as it finishes), and a task's students start as soon as its teacher, soft labels and task
     # row are ready -- a long build labels students while later teachers still train.
-    storage = storage or str(store.root / "ray_train")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())  # resolved here: the Train runs are driven from worker processes
+    # resolved here (a URI as is, a path made absolute): the Train runs are driven from worker processes
+    storage = resolve_storage(storage, store.root / "ray_train")
     contexts: dict[str, TaskContext] = {}
     ctx_refs: dict = {}
 

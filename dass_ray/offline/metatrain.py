@@ -76,7 +76,8 @@ class MetaTrainConfig:
 
 
 def make_optimizer(model: MetaSGD, cfg: MetaTrainConfig) -> torch.optim.Optimizer:
-    """Adam on weights and step sizes (DESIGN.md); with `weight_decay` > 0, AdamW-style decay on the weights."""
+    """Adam on weights and step sizes (docs/method.md, section 5); with `weight_decay` > 0, AdamW-style decay on
+    the weights."""
     if not cfg.weight_decay:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return torch.optim.AdamW([{"params": list(model.predictor.parameters()), "weight_decay": cfg.weight_decay},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dass_ray.fileutil import resolve_storage
 from dass_ray.offline.metadataset import MetaTask
 from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_optimizer
 from dass_ray.core.meta import make_model
@@ -99,7 +100,7 @@ def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], c
         train_loop_config={"cfg": cfg, "space": space, "train": train, "val": val, "threads": threads},
         scaling_config=ScalingConfig(num_workers=num_workers,
                                      **scaling_config_kwargs("meta_train_worker", num_cpus=threads, use_gpu=False)),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
+        run_config=RunConfig(name=name, storage_path=resolve_storage(str(storage), Path(storage)),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -30,16 +30,26 @@ MAX_BATCH_ATTEMPTS = 6
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EncoderActor:
-    """Holds the teacher (folded for the batched engine) once; embeds batches of candidate configs."""
+    """Holds the teacher (folded for the batched engine) once; embeds batches of candidate configs.
 
-    def __init__(self, teacher_sd: dict, space: dict, seed: int = 0, threads: int = 1):
+    The teacher comes with the calls (`load`, and every `embed`, as `[ObjectRef]`: a nested reference is fetched
+    only when the actor has no teacher yet), not with the constructor: Ray cannot promise to restart an actor whose
+    constructor arguments live in the object store, and says so in an error line for every search."""
+
+    def __init__(self, space: dict, seed: int = 0, threads: int = 1):
         torch.set_num_threads(threads)
-        self.space = SpaceConfig.from_dict(space)
-        self.engine = Embedder(teacher_sd, self.space, seed=seed)
+        self.space, self.seed = SpaceConfig.from_dict(space), seed
+        self.engine: Embedder | None = None
+
+    def load(self, teacher: list) -> None:
+        """Fold the teacher `[ObjectRef of its state dict]` now, unless this actor (life) already did."""
+        if self.engine is None:
+            self.engine = Embedder(ray.get(teacher[0]), self.space, seed=self.seed)
 
     @ray.method(num_returns=3)
-    def embed(self, batch_id: int, arch_jsons: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    def embed(self, batch_id: int, arch_jsons: list[str], teacher: list) -> tuple[int, np.ndarray, np.ndarray]:
         """(batch id, stage-4 maps [n, C, H, W] float32, architecture codes [n, D] float32)."""
+        self.load(teacher)  # a restarted actor lost its teacher
         archs = [ArchConfig.from_json(a) for a in arch_jsons]
         maps = self.engine.embed(archs).numpy()
         return batch_id, maps, self.space.encode_many(archs).astype(np.float32)
@@ -50,19 +60,26 @@ class EncoderActor:
 
 @ray.remote(max_restarts=-1, max_task_retries=2)
 class PredictorActor:
-    """Holds the adapted predictor parameters; GPU when it was given one."""
+    """Holds the adapted predictor; GPU when it was given one. Like the encoders, it gets what it holds with its
+    calls (`[ObjectRef]` of {"cfg", "params", "teacher_map"}), fetched once per actor life."""
 
-    def __init__(self, predictor_cfg: dict, params: dict, teacher_map: np.ndarray, threads: int = 1):
-        from dass_ray.core.predictor import Predictor, PredictorConfig
-
+    def __init__(self, threads: int = 1):
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.model = Predictor(PredictorConfig.from_dict(predictor_cfg)).to(self.device).eval()
-        self.params = {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
-        self.tmap = torch.as_tensor(teacher_map).to(self.device)
+        self.model = None
+
+    def load(self, predictor: list) -> None:
+        if self.model is None:
+            from dass_ray.core.predictor import Predictor, PredictorConfig
+
+            blob = ray.get(predictor[0])
+            self.model = Predictor(PredictorConfig.from_dict(blob["cfg"])).to(self.device).eval()
+            self.params = {k: torch.as_tensor(v).to(self.device) for k, v in blob["params"].items()}
+            self.tmap = torch.as_tensor(blob["teacher_map"]).to(self.device)
 
     @torch.no_grad()
-    def score(self, batch_id: int, maps: np.ndarray, codes: np.ndarray) -> tuple[int, np.ndarray]:
+    def score(self, batch_id: int, maps: np.ndarray, codes: np.ndarray, predictor: list) -> tuple[int, np.ndarray]:
+        self.load(predictor)
         b = PredictorBatch(torch.as_tensor(maps).to(self.device), self.tmap, torch.as_tensor(codes).to(self.device))
         return batch_id, self.model(b, self.params).float().cpu().numpy()
 
@@ -116,8 +133,10 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
     def new_encoder():
         # SPREAD: one encoder per node first (each holds its own teacher copy and CPUs), so losing a node costs
         # one actor's batches; a restarted actor is placed on the nodes that are left.
-        return EncoderActor.options(**enc_opts, scheduling_strategy="SPREAD").remote(
-            sd_ref, space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
+        a = EncoderActor.options(**enc_opts, scheduling_strategy="SPREAD").remote(
+            space.to_dict(), probe_seed, max(1, int(enc_opts["num_cpus"])))
+        a.load.remote([sd_ref])  # folds the teacher while the predictor is adapted below
+        return a
 
     # Encoders start first: their process start-up and teacher folding overlap the adaptation below.
     encs = actors if actors is not None else [new_encoder() for _ in range(encoders)]
@@ -126,8 +145,10 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
     support = teacher_support(tmap, torch.from_numpy(space.encode(space.teacher()).astype(np.float32)), teacher_acc)
     params = {k: v.numpy() for k, v in adapted_params(model, support).items()}
     del eng
-    preds = [PredictorActor.options(**pred_opts).remote(model.predictor.cfg.to_dict(), params, tmap.numpy())
-             for _ in range(predictors)]
+    pred_ref = ray.put({"cfg": model.predictor.cfg.to_dict(), "params": params, "teacher_map": tmap.numpy()})
+    preds = [PredictorActor.options(**pred_opts).remote() for _ in range(predictors)]
+    for p in preds:
+        p.load.remote([pred_ref])
 
     batches = [archs[i:i + batch_size] for i in range(0, len(archs), batch_size)]
     payload = [[a.to_json() for a in b] for b in batches]
@@ -142,7 +163,7 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
         for i in range(len(encs)):
             while queue and load[i] < 2:
                 b = queue.popleft()
-                bid, maps, codes = encs[i].embed.remote(b, payload[b])
+                bid, maps, codes = encs[i].embed.remote(b, payload[b], [sd_ref])
                 inflight[bid] = ("embed", b, i, (maps, codes))
                 load[i] += 1
 
@@ -172,7 +193,7 @@ def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfi
                     dispatch()
                     continue
                 maps, codes = rest
-                sref = preds[rr % len(preds)].score.remote(b, maps, codes)
+                sref = preds[rr % len(preds)].score.remote(b, maps, codes, [pred_ref])
                 rr += 1
                 inflight[sref] = ("score", b, -1, ())
                 dispatch()
