@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,3 +50,20 @@ def resolve_storage(value: str | None, default: Path) -> str:
             raise ValueError(f"{value!r} is not a storage URI this machine can open: {e}") from None
         return value
     return str(Path(value).expanduser().resolve())
+
+
+def code_version() -> str:
+    """git commit of the package's checkout (+ '-dirty'), or the package version when not in git."""
+    root = REPO_ROOT
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from dass_ray import __version__
+
+    return f"v{__version__}"

@@ -20,7 +20,7 @@ from dass_ray.service import jobs as J
 from dass_ray.core.data import bundled_path
 from dass_ray.service.contract import RequestError, SearchRequest, request_from_args
 
-TEACHER = Path(J.__file__).resolve().parent / "assets" / "teachers" / "mnist5k_cpu.pt"
+TEACHER = Path(__file__).resolve().parents[1] / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 
 
 def spec(dataset_path: str | None = None, teacher_path: str = "", dry_run: bool = False, **kw) -> J.SearchSpec:

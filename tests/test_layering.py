@@ -17,9 +17,10 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "dass_ray"
 LAYERS = {
     "core": ["adapters", "config", "data", "embed", "export", "images", "kd", "meta", "nets", "predictor",
-             "proxies", "ranking", "remap", "space", "tasks"],
+             "proxies", "ranking", "remap", "rows", "space", "tasks"],
     "offline": ["labelgen", "metadataset", "metatrain", "metatrain_ray", "plans"],
-    "search": ["cli", "inputs", "rayutil", "report", "resources", "run", "scoring", "searcher", "trainable"],
+    "search": ["cli", "history", "inputs", "rayutil", "report", "resources", "run", "scoring", "searcher",
+               "trainable"],
     "service": ["checks", "cli", "client", "contract", "jobs/backends", "jobs/events", "jobs/launch", "jobs/rayhead",
                 "jobs/runner", "jobs/store", "server/app", "server/rpc", "server/servicer", "server/uploads"],
 }

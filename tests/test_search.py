@@ -215,7 +215,8 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     # KD checkpoints on separate storage given as a URI (as s3:// or a shared mount would be on a cluster): the
     # export must read the best one through its file system, not from --output.
     store = tmp_path / "shared-store"
-    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2, storage=f"file://{store}")
+    hist = tmp_path / "history"
+    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2, storage=f"file://{store}", history=str(hist))
     result = SearchRun(prepare(c)).run()
     out = Path(c.output)
     cands = pq.read_table(out / "candidates.parquet")
@@ -239,8 +240,18 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     # resume: drop one finished trial -> only that one runs again, scoring is not redone
     pq.write_table(pq.read_table(out / "trials.parquet").slice(0, 1), out / "trials.parquet")
     (out / "result.json").unlink()
-    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True, storage=str(store))
+    rows1 = pq.read_table(hist / "students").to_pylist()
+    assert len(rows1) == 2 and {r["arch_json"] for r in rows1} == {t["arch_json"] for t in trials}
+    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True, storage=str(store), history=str(hist))
     SearchRun(prepare(c2)).run()
+    # the resumed search re-exports and records its students again: the history still holds them once
+    from dass_ray.offline.metadataset import load_history
+
+    assert len(list((hist / "students").glob("*.parquet"))) == 1
+    (task,) = load_history(hist)
+    assert task.role == "history" and len(task.acc) == 2 and task.teacher_acc == pytest.approx(0.959, abs=1e-3)
+    assert sorted(task.acc.tolist()) == pytest.approx(sorted(t["measured_acc"] for t in trials))
+    assert task.maps.shape[0] == 2 and task.maps.shape[1:] == task.teacher_map.shape[1:]
     events2 = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     new = events2[len(events):]
     assert [e["seq"] for e in events2] == list(range(len(events2)))

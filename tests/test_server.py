@@ -733,6 +733,15 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
                 assert doc["request"]["readapt"] == (j is j1) and doc["request"]["dataset"] == str(MNIST)
                 for text in [r.result_json] + [e.message for e in evs]:  # no server path reaches the client
                     assert str(srv.state_dir) not in text, text
+        # Each search appended its students to alice's own history (one task: same data, teacher and classes).
+        import hashlib
+
+        from dass_ray.offline.metadataset import load_history
+
+        (hdir,) = (srv.state_dir / "history").iterdir()
+        assert hdir.name == hashlib.sha256(b"alice").hexdigest()[:16]
+        (task,) = load_history(hdir)
+        assert len(task.acc) >= 3 and task.role == "history"
         head = json.loads((srv.state_dir / "ray_head.json").read_text())
         from ray.job_submission import JobSubmissionClient
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,49 +29,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dass_ray import __version__
 from dass_ray.core.config import ScaleConfig
 from dass_ray.core.data import load_dataset, resolve_dataset_path
 from dass_ray.core.tasks import TaskSpec, load_task_data
 from dass_ray.core.embed import embed_reference, noise_input
 from dass_ray.core.kd import SoftLabels, TensorData, TrainResult, train_kd
 from dass_ray.core.space import ArchConfig, SpaceConfig
+from dass_ray.core.rows import STUDENT_SCHEMA, TASK_SCHEMA  # noqa: F401 - the store's schemas
+from dass_ray.fileutil import code_version
 from dass_ray.offline.plans import ROLES
 
 # Scale fields that only say how much to run (a plan may change them on a resume); the rest define the labels.
 _COUNT_FIELDS = ("students_per_task", "students_per_test_task", "noise_ceiling_students", "meta_episodes",
                  "meta_lr", "meta_inner_lr", "meta_query_size", "meta_eval_every", "threads_per_run", "name")
-
-STUDENT_SCHEMA = pa.schema([
-    ("task_id", pa.string()), ("role", pa.string()), ("source", pa.string()), ("teacher_acc", pa.float64()),
-    ("arch_json", pa.string()), ("arch_digest", pa.string()), ("encoding", pa.list_(pa.float32())),
-    ("flops", pa.int64()), ("params", pa.int64()), ("seed", pa.int64()), ("replicate", pa.int64()),
-    ("status", pa.string()), ("reason", pa.string()), ("best_acc", pa.float64()), ("final_acc", pa.float64()),
-    ("epochs", pa.int64()), ("wall_s", pa.float64()), ("embedding", pa.binary()), ("code_version", pa.string()),
-    ("host", pa.string()),
-])
-
-TASK_SCHEMA = pa.schema([
-    ("task_id", pa.string()), ("role", pa.string()), ("source", pa.string()), ("num_classes", pa.int64()),
-    ("teacher_acc", pa.float64()), ("teacher_digest", pa.string()), ("teacher_embedding", pa.binary()),
-    ("embedding_shape", pa.list_(pa.int64())), ("train_wall_s", pa.float64()), ("space_json", pa.string()),
-])
-
-
-def code_version() -> str:
-    """git commit of the package's checkout (+ '-dirty'), or the package version when not in git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
-        if rev.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return rev.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"v{__version__}"
-
 
 def machine() -> dict:
     return {"host": platform.node(), "cpus": os.cpu_count(), "platform": platform.platform(),
@@ -306,7 +275,27 @@ def load_meta_tasks(root: str | Path, roles: tuple[str, ...] = ROLES, label: str
     tasks = store.task_rows().to_pylist()
     if not tasks:
         raise ValueError(f"{root}: no tasks.parquet (is this a meta-dataset directory?)")
-    st = store.students().to_pylist()
+    return meta_tasks_from_rows(tasks, store.students().to_pylist(), roles, label)
+
+
+def load_history(root: str | Path) -> list[MetaTask]:
+    """A search history (`scripts/search.py --history DIR`, `dass_ray.search.history`) as meta-learning tasks
+    (role "history"; several searches of the same data, teacher and classes make one task)."""
+    root = Path(root)
+    parts = {k: sorted((root / k).glob("*.parquet")) for k in ("tasks", "students")}
+    if not parts["tasks"]:
+        raise ValueError(f"{root}: no search history here (expected tasks/*.parquet written by --history)")
+    tasks = {r["task_id"]: r for p in parts["tasks"] for r in pq.read_table(p).to_pylist()}
+    seen, students = set(), []
+    for p in parts["students"]:
+        for r in pq.read_table(p).to_pylist():
+            if (r["task_id"], r["arch_digest"]) not in seen:  # a student measured by two searches counts once
+                seen.add((r["task_id"], r["arch_digest"]))
+                students.append(r)
+    return meta_tasks_from_rows(list(tasks.values()), students, ("history",), "first")
+
+
+def meta_tasks_from_rows(tasks: list[dict], st: list[dict], roles: tuple[str, ...], label: str) -> list[MetaTask]:
     by_task: dict[str, list[dict]] = {}
     for r in st:
         if r["status"] == "ok":

@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
                     help="where KD-trial checkpoints go: on a multi-node cluster a directory every node mounts "
                          "(NFS/EFS) or a URI (s3://bucket/prefix, gs://...); default $DASS_RAY_STORAGE, else "
                          "<output>/tune (one machine only)")
+    ap.add_argument("--history", default=None, help="search history directory: the distilled students are "
+                    "appended to it (exactly once, also across --resume) for retraining the predictor")
+    ap.add_argument("--job-id", default=None, help=argparse.SUPPRESS)  # set by the service
     return ap
 
 

@@ -35,6 +35,8 @@ class SearchConfig(SearchRequest):
     # Where KD-trial checkpoints go (Tune's storage_path): a directory every node can reach (NFS/EFS mount) or a
     # URI (s3://, gs://, file://). None: $DASS_RAY_STORAGE, else <output>/tune (enough on one machine).
     storage: str | None = None
+    history: str | None = None  # append the distilled students to this search history (dass_ray.search.history)
+    job_id: str | None = None  # the service's job id, recorded with the history rows
 
 
 

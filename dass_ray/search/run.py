@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,8 @@ class SearchRun:
             scored = self._score(teacher)
             trials = self._kd(teacher, scored)
             result = self._export(teacher, scored, trials)
+            if self.cfg.history:
+                self._record_history(teacher, trials)
             self.events.emit("done", 1, 1, f"best student {result.best.measured_acc:.4f} "
                              f"(teacher {result.teacher_acc:.4f})")
             return result
@@ -278,6 +281,18 @@ class SearchRun:
             return [head[j] for j in np.argsort(-s, kind="mergesort")] + remaining[len(head):]
 
         return rerank
+
+    def _record_history(self, teacher: TeacherCheckpoint, trials: list[dict]) -> None:
+        from dass_ray.search import history
+
+        cfg, p = self.cfg, self.p
+        if "run_id" not in self.state:  # kept across resumes: the history gets this search's rows exactly once
+            self.state["run_id"] = uuid.uuid4().hex[:16]
+            self._save_state()
+        n = history.record(cfg.history, self.state["run_id"], job_id=cfg.job_id or self.state["run_id"],
+                           dataset_digest=p.data.fingerprint(), source=Path(cfg.dataset).stem, classes=cfg.classes,
+                           teacher=teacher, space=p.space, trials=trials, seed=cfg.seed)
+        self.events.emit("export", 1, 1, f"history: {n} measured students appended to {cfg.history}")
 
     def _export(self, teacher: TeacherCheckpoint, cands: pa.Table, trials: list[dict]) -> C.SearchResult:
         p, cfg = self.p, self.cfg

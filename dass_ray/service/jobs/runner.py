@@ -1,6 +1,7 @@
 """The job runner: schedules, launches, watches and finalizes the searches of the job table."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shlex
@@ -50,6 +51,7 @@ class RunnerConfig:
     cancel_grace_s: float = 10.0
     search_cmd: list[str] = field(default_factory=default_search_command)
     extra_args: list[str] = field(default_factory=list)  # passed to every search (e.g. --encoders 2)
+    history: bool = False  # every search appends its students to its client's history (`history_dir`)
 
 
 class JobRunner:
@@ -75,6 +77,10 @@ class JobRunner:
     # ---- paths --------------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
+
+    def history_dir(self, owner: str) -> Path:
+        """The client's own search history: a directory named by a digest of the client name (any characters)."""
+        return self.state_dir / "history" / hashlib.sha256(owner.encode()).hexdigest()[:16]
 
     def output_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "out"
@@ -198,8 +204,10 @@ class JobRunner:
         if resume:
             truncate_partial_line(out / EVENTS_FILE)
         address = "auto" if self.backend.name == "ray" else None
-        cmd = list(self.config.search_cmd) + job.spec.search_args(out, resume=resume, address=address,
-                                                                  extra=self.config.extra_args)
+        extra = list(self.config.extra_args) + ["--job-id", job.job_id]
+        if self.config.history:
+            extra += ["--history", str(self.history_dir(job.owner))]
+        cmd = list(self.config.search_cmd) + job.spec.search_args(out, resume=resume, address=address, extra=extra)
         now = time.time()
         # Claim the job first (a concurrent cancel of a QUEUED job wins or loses atomically).
         if not self.store.update(job.job_id, expect_state=QUEUED, state=RUNNING, attempts=attempt,

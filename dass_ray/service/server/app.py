@@ -56,6 +56,7 @@ class ServerConfig:
     search_cmd: list[str] | None = None
     search_extra_args: list[str] = field(default_factory=list)
     search_defaults: dict = field(default_factory=dict)  # knob -> value for searches that leave it unset
+    history: bool = True  # each client's searches append to that client's history (state_dir/history/...)
     caps: C.Caps = field(default_factory=C.Caps)  # per-search limits (over one: RESOURCE_EXHAUSTED)
     check_workers: int = 2  # processes that decode uploads (torch lives there, not in the server)
 
@@ -79,7 +80,7 @@ class Service:
         backend = J.RayJobBackend(cfg.address or self.ray_head.address,
                                   env_vars={STORAGE_ENV: storage} if storage else None)
         rcfg = J.RunnerConfig(max_running=cfg.max_running, max_queued=cfg.max_queued,
-                              extra_args=list(cfg.search_extra_args))
+                              extra_args=list(cfg.search_extra_args), history=cfg.history)
         if cfg.search_cmd:
             rcfg.search_cmd = list(cfg.search_cmd)
         self.runner = J.JobRunner(cfg.state_dir, backend, rcfg)

@@ -16,7 +16,6 @@ from dass_ray.service.server.rpc import ServiceError, _invalid, _rpc
 
 try:
     from dass_ray.v1 import search_pb2 as pb
-    from dass_ray.v1 import search_pb2_grpc as pb_grpc
 except ImportError as e:  # pragma: no cover - only on an install that skipped the generator
     raise ImportError(f"the generated gRPC code is missing ({e}); run `make proto` "
                       f"(python scripts/gen_proto.py)") from None

@@ -1,0 +1,74 @@
+"""A search history (`--history DIR`): every finished search appends the students it distilled, with its task's
+teacher embedding and accuracy, as meta-dataset rows (`dass_ray.core.rows`) plus provenance, so a predictor can be
+retrained on a user's own domain without the data leaving their machines.
+
+Layout: `DIR/students/<run id>.parquet` (one row per distilled student) and `DIR/tasks/<run id>.parquet` (the
+task's row). A search keeps its run id across resumes (`state.json`) and each file is written whole and renamed
+into place, so a search that is killed and resumed appends exactly once. `dass_ray.offline.metadataset.
+load_history` reads a history back as meta-learning tasks.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dass_ray.core.embed import Embedder
+from dass_ray.core.kd import TeacherCheckpoint
+from dass_ray.core.rows import HISTORY_STUDENT_SCHEMA, HISTORY_TASK_SCHEMA
+from dass_ray.core.space import ArchConfig, SpaceConfig
+from dass_ray.fileutil import code_version
+
+
+def _write(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    tmp.replace(path)
+
+
+def task_id_for(dataset_digest: str, teacher: TeacherCheckpoint, classes: tuple[str, ...]) -> str:
+    """One history task per (data, teacher, classes): searches of the same task share it."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([dataset_digest, teacher.digest(), list(classes)]).encode()).hexdigest()[:12]
+    return f"history-{key}"
+
+
+def record(history: str | Path, run_id: str, *, job_id: str, dataset_digest: str, source: str,
+           classes: tuple[str, ...], teacher: TeacherCheckpoint, space: SpaceConfig, trials: list[dict],
+           seed: int = 0, probe_seed: int = 0) -> int:
+    """Append this search's measured students (trials with status "ok") to the history; returns how many."""
+    ok = [t for t in trials if t["status"] == "ok" and t["measured_acc"] is not None]
+    if not ok:
+        return 0
+    root = Path(history)
+    task_id = task_id_for(dataset_digest, teacher, classes)
+    eng = Embedder(teacher.state_dict, space, seed=probe_seed)
+    tmap = eng.teacher_embedding()
+    archs = [ArchConfig.from_json(t["arch_json"]) for t in ok]
+    maps = eng.embed(archs)
+    now, version, host = time.time(), code_version(), platform.node()
+    prov = {"job_id": job_id, "dataset_digest": dataset_digest, "recorded_unix_s": now}
+    students = [{
+        "task_id": task_id, "role": "history", "source": source, "teacher_acc": float(teacher.val_acc),
+        "arch_json": a.to_json(), "arch_digest": a.digest(), "encoding": space.encode(a).astype(np.float32).tolist(),
+        "flops": int(space.flops(a)), "params": int(space.params(a)), "seed": int(seed), "replicate": 0,
+        "status": "ok", "reason": "", "best_acc": float(t["measured_acc"]), "final_acc": float(t["final_acc"]),
+        "epochs": int(t["epochs"]), "wall_s": float(t["time_s"]),
+        "embedding": m.to(torch.float16).numpy().tobytes(), "code_version": version, "host": host, **prov,
+    } for a, t, m in zip(archs, ok, maps)]
+    task = {"task_id": task_id, "role": "history", "source": source, "num_classes": int(space.num_classes),
+            "teacher_acc": float(teacher.val_acc), "teacher_digest": teacher.digest(),
+            "teacher_embedding": tmap.squeeze(0).to(torch.float16).numpy().tobytes(),
+            "embedding_shape": list(tmap.shape[1:]), "train_wall_s": 0.0, "space_json": json.dumps(space.to_dict()),
+            **prov}
+    _write(root / "students" / f"{run_id}.parquet", students, HISTORY_STUDENT_SCHEMA)
+    _write(root / "tasks" / f"{run_id}.parquet", [task], HISTORY_TASK_SCHEMA)
+    return len(students)
