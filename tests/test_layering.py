@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parents[1] / "dass_ray"
 LAYERS = {
     "core": ["adapters", "config", "data", "embed", "export", "images", "kd", "meta", "nets", "predictor",
              "proxies", "ranking", "remap", "rows", "space", "tasks"],
-    "offline": ["labelgen", "metadataset", "metatrain", "metatrain_ray", "plans"],
+    "offline": ["labelgen", "metadataset", "metatrain", "metatrain_ray", "plans", "retrain"],
     "search": ["cli", "history", "inputs", "rayutil", "report", "resources", "run", "scoring", "searcher",
                "trainable"],
     "service": ["checks", "cli", "client", "contract", "jobs/backends", "jobs/events", "jobs/launch", "jobs/rayhead",

@@ -1,5 +1,6 @@
 """`ray job submit -- python scripts/search.py ...` against a locally started Ray head (`ray start --head`)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,15 @@ def test_ray_job_submit_runs_the_search(head, tmp_path):
     r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
+    # no error-level line from a search that succeeds (Ray's log format: "[date time E pid tid] file:line: ...")
+    assert not re.search(r"^\[[0-9: ,.-]+ E \d+ \d+\]", r.stdout + r.stderr, re.M), r.stdout + r.stderr
     res = json.loads((out / "result.json").read_text())
-    assert res["candidates"] == 32 and res["top_k"] == 1 and 0 <= res["best"]["measured_acc"] <= 1
+    trial = json.loads((out / "result.json").read_text())["trials"][0]
+    assert res["candidates"] == 32 and res["top_k"] == 1 and res["best"]["measured_acc"] == trial["measured_acc"] > 0
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["stage"] == "done"
     # a bad input fails the job with the one-line reason and a non-zero exit
     bad = subprocess.run(base + ["--top-k", "5", "--candidates", "2", "--output", str(tmp_path / "o2")],
                          env=head.env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
-    assert "--top-k 5 exceeds --candidates 2" in bad.stdout + bad.stderr
+    assert "--top-k: top_k (5) must not exceed candidates (2)" in bad.stdout + bad.stderr

@@ -453,10 +453,12 @@ def test_limits_unknown_classes_and_undecodable_requests(alice):
                             (dict(candidates=200_000), RE, "--max-candidates"), (dict(kd_epochs=51), RE, "kd_epochs"),
                             (dict(max_concurrent=300), RE, "max_concurrent"), (dict(remap="nope"), IA, "remap"),
                             (dict(classes=["0", "1", "2"]), IA, "10 classes but the search has 3"),
-                            (dict(classes=["zzz", "0"]), IA, "no class 'zzz'"), (dict(classes=["1", "1"]), IA, "twice")]:
+                            (dict(classes=["zzz", "0"]), IA, "no class 'zzz'"), (dict(classes=["1", "1"]), IA, "twice"),
+                            (dict(predictor=str(TEACHER)), IA, "predictor: must be empty")]:
         expect(code, alice.submit, contains=words, **ok, **kw)
-    job = alice.submit(**ok, readapt=True, asha=True, remap="uniform", kd_epochs=2)
+    job = alice.submit(**ok, readapt=True, asha=True, remap="uniform", kd_epochs=2, predictor="latest")
     assert (job.spec.readapt, job.spec.asha, job.spec.remap, job.spec.kd_epochs) == (True, True, "uniform", 2)
+    assert job.spec.predictor == "latest"
     # Bytes that are no valid message (a string field that is not UTF-8) answer INVALID_ARGUMENT, not INTERNAL.
     raw = alice.channel.unary_unary("/dass_ray.v1.SearchService/SubmitSearch")
     with pytest.raises(grpc.RpcError) as e:

@@ -34,6 +34,8 @@ def _loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    if config.get("init") is not None:  # fine-tuning: start from a parent predictor (a checkpoint overrides it)
+        model.load_state_dict(config["init"])
     opt = make_optimizer(model, cfg)
     start, best, best_state, best_ep = 0, -float("inf"), None, -1
     ck = ray.train.get_checkpoint()
@@ -88,16 +90,18 @@ def _loop(config: dict) -> None:
 
 def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig, *,
                num_workers: int = 1, storage: str | Path, name: str = "meta-train", threads: int = 1,
-               max_failures: int = 0) -> dict:
+               max_failures: int = 0, init: dict | None = None) -> dict:
     """Run meta-training with a `TorchTrainer`; returns {'last': state, 'best': state, 'metrics': ..., ...}.
 
-    Rerunning with the same `storage`/`name` resumes from the last checkpoint."""
+    Rerunning with the same `storage`/`name` resumes from the last checkpoint. `init`: a parent predictor's state
+    dict to fine-tune from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"cfg": cfg, "space": space, "train": train, "val": val, "threads": threads},
+        train_loop_config={"cfg": cfg, "space": space, "train": train, "val": val, "threads": threads,
+                           "init": init},
         scaling_config=ScalingConfig(num_workers=num_workers,
                                      **scaling_config_kwargs("meta_train_worker", num_cpus=threads, use_gpu=False)),
         run_config=RunConfig(name=name, storage_path=resolve_storage(str(storage), Path(storage)),

@@ -72,3 +72,21 @@ def record(history: str | Path, run_id: str, *, job_id: str, dataset_digest: str
     _write(root / "students" / f"{run_id}.parquet", students, HISTORY_STUDENT_SCHEMA)
     _write(root / "tasks" / f"{run_id}.parquet", [task], HISTORY_TASK_SCHEMA)
     return len(students)
+
+
+# ---- predictor versions retrained on a history (dass_ray.offline.retrain writes them) ----
+
+LATEST = "LATEST"
+
+
+def versions_dir(history: str | Path) -> Path:
+    return Path(history) / "predictors"
+
+
+def latest_predictor(history: str | Path) -> Path | None:
+    """The history's latest retrained predictor, or None when it has none."""
+    f = versions_dir(history) / LATEST
+    if not f.is_file():
+        return None
+    p = versions_dir(history) / f.read_text().strip()
+    return p if p.is_file() else None

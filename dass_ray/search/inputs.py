@@ -101,8 +101,15 @@ def prepare(cfg: SearchConfig) -> Prepared:
         space.check_budget(max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
     except ValueError as e:
         raise InputError(f"budget: {e}") from None
+    pred_path = cfg.predictor
+    if pred_path == "latest":  # the newest retrained version of this user's history (scripts/retrain.py)
+        if not cfg.history:
+            raise InputError("--predictor latest: needs --history (the history whose retrained predictor to use)")
+        from dass_ray.search.history import latest_predictor
+
+        pred_path = str(latest_predictor(cfg.history) or DEFAULT_PREDICTOR)
     try:
-        predictor, blob = load_predictor(cfg.predictor, space)
+        predictor, blob = load_predictor(pred_path, space)
     except ValueError as e:
         raise InputError(f"--predictor: {e}") from None
     out = Path(cfg.output)

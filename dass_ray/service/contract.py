@@ -90,7 +90,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           "(images, labels[, class_names]) or a bundled name"),
     Field("teacher", str, DEFAULT_TEACHER, "teacher checkpoint (scripts/train_teacher.py), or 'train' to train one "
           "on the dataset first (default: the shipped MNIST teacher)"),
-    Field("predictor", str, DEFAULT_PREDICTOR, "meta-trained predictor checkpoint (default: the shipped one)"),
+    Field("predictor", str, DEFAULT_PREDICTOR, "meta-trained predictor checkpoint, or 'latest': the newest version "
+          "retrained on --history (scripts/retrain.py; the shipped one until there is one)", proto="predictor",
+          zero="the shipped predictor"),
     Field("classes", tuple, (), "search only these classes of the dataset (comma-separated names or label "
           "numbers; the teacher's head must have that many classes)", proto="classes", zero="all classes"),
     Field("max_flops", int, 0, "budget: FLOPs of one forward pass on one image (a multiply-add counts 2)",

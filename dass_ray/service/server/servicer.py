@@ -179,6 +179,9 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         req = C.request_from_proto(request, dataset="?", teacher="?", defaults=self.cfg.search_defaults)
         req.validate()  # cheap checks first
         self.cfg.caps.check(req)
+        if req.predictor not in (C.DEFAULT_PREDICTOR, "latest"):  # never a server path chosen by a client
+            raise _invalid("predictor", "must be empty (the shipped predictor) or 'latest' (your newest predictor "
+                           "retrained on your own search history)")
         dataset, dataset_path, dinfo = self._resolve(request, client, "dataset")
         teacher, teacher_path, tinfo = self._resolve(request, client, "teacher")
         names = dinfo.get("all_class_names") or dinfo["class_names"]

@@ -1,0 +1,77 @@
+"""Retraining the predictor on a search history (dass_ray.offline.retrain) and searching with `--predictor latest`.
+
+The history here is made of real rows: students of two of the shipped meta-dataset's test tasks, written in the
+layout `scripts/search.py --history` writes (a real search appending to a history, exactly once across a resume,
+is covered by tests/test_search.py; one history per service client by tests/test_server.py)."""
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dass_ray.core.rows import HISTORY_STUDENT_SCHEMA, HISTORY_TASK_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
+META = ROOT / "artifacts" / "metadataset"
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def history_from_shipped_rows(root: Path, task_ids: list[str], students: int = 20) -> None:
+    from dass_ray.offline.metadataset import MetaDatasetStore
+
+    store = MetaDatasetStore(META)
+    prov = {"job_id": "test", "dataset_digest": "test", "recorded_unix_s": time.time()}
+    tasks = {r["task_id"]: r for r in store.task_rows().to_pylist()}
+    rows = [r for r in store.students().to_pylist() if r["status"] == "ok" and r["replicate"] == 0]
+    for i, tid in enumerate(task_ids):
+        mine = [dict(r, role="history", **prov) for r in rows if r["task_id"] == tid][:students]
+        for sub, data, schema in (("students", mine, HISTORY_STUDENT_SCHEMA),
+                                  ("tasks", [dict(tasks[tid], role="history", **prov)], HISTORY_TASK_SCHEMA)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(data, schema=schema), root / sub / f"run{i}.parquet")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_retrain_writes_a_version_and_latest_only_when_not_worse(tmp_path, ray_local):
+    from dass_ray.core.space import get_space
+    from dass_ray.offline.metadataset import load_history
+    from dass_ray.offline.retrain import retrain
+    from dass_ray.search.history import LATEST, latest_predictor, versions_dir
+    from dass_ray.search.inputs import DEFAULT_PREDICTOR
+
+    hist = tmp_path / "hist"
+    history_from_shipped_rows(hist, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"])
+    assert sorted(len(t.acc) for t in load_history(hist)) == [20, 20]
+    assert latest_predictor(hist) is None
+    meta = retrain(hist, META, DEFAULT_PREDICTOR, get_space("cpu"), episodes=4, holdout=0.5, seed=0)
+    v1 = versions_dir(hist) / "v1.pt"
+    assert meta["version"] == "v1" and v1.is_file() and json.loads(v1.with_suffix(".json").read_text()) == meta
+    assert len(meta["history_val_tasks"]) == 1 and len(meta["history_train_tasks"]) == 1  # one held out
+    assert set(meta["history_train_tasks"]) <= set(meta["train_tasks"])
+    assert set(meta["history_val_tasks"]) <= set(meta["val_tasks"])
+    b, a = meta["val_spearman_before"]["all"], meta["val_spearman_after"]["all"]
+    assert meta["promoted"] == (a >= b)  # never promoted when worse than its parent on the same validation
+    assert (latest_predictor(hist) == v1) == meta["promoted"]
+    assert ((versions_dir(hist) / LATEST).is_file()) == meta["promoted"]
+    # the next version's parent defaults to the latest; a search with --predictor latest loads it
+    from dass_ray.search import SearchConfig, prepare
+
+    c = SearchConfig(dataset="mnist5k", predictor="latest", history=str(hist), output=str(tmp_path / "o"),
+                     scale="tiny", candidates=8, top_k=1)
+    p = prepare(c)
+    assert p.predictor_meta.get("version") == ("v1" if meta["promoted"] else None)
+    with pytest.raises(Exception, match="--predictor latest: needs --history"):
+        prepare(SearchConfig(dataset="mnist5k", predictor="latest", output=str(tmp_path / "o2")))
