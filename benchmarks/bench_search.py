@@ -24,13 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def trials_needed(order, acc, tol=0.005) -> int:
-    best = acc.max()
-    for k, i in enumerate(order, 1):
-        if acc[i] >= best - tol:
-            return k
-    return len(order)
+from dass_ray.core.ranking import trials_needed
 
 
 def readapt_order(model, t, budget: int) -> list[int]:

@@ -1,36 +1,16 @@
 """Retraining the predictor on a search history (dass_ray.offline.retrain) and searching with `--predictor latest`.
 
 The history here is made of real rows: students of two of the shipped meta-dataset's test tasks, written in the
-layout `scripts/search.py --history` writes (a real search appending to a history, exactly once across a resume,
+layout `scripts/search.py --history` writes (`history_from_metadataset`) (a real search appending to a history, exactly once across a resume,
 is covered by tests/test_search.py; one history per service client by tests/test_server.py)."""
 import json
-import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-from dass_ray.core.rows import HISTORY_STUDENT_SCHEMA, HISTORY_TASK_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "artifacts" / "metadataset"
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def history_from_shipped_rows(root: Path, task_ids: list[str], students: int = 20) -> None:
-    from dass_ray.offline.metadataset import MetaDatasetStore
-
-    store = MetaDatasetStore(META)
-    prov = {"job_id": "test", "dataset_digest": "test", "recorded_unix_s": time.time()}
-    tasks = {r["task_id"]: r for r in store.task_rows().to_pylist()}
-    rows = [r for r in store.students().to_pylist() if r["status"] == "ok" and r["replicate"] == 0]
-    for i, tid in enumerate(task_ids):
-        mine = [dict(r, role="history", **prov) for r in rows if r["task_id"] == tid][:students]
-        for sub, data, schema in (("students", mine, HISTORY_STUDENT_SCHEMA),
-                                  ("tasks", [dict(tasks[tid], role="history", **prov)], HISTORY_TASK_SCHEMA)):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(data, schema=schema), root / sub / f"run{i}.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +28,12 @@ def ray_local():
 def test_retrain_writes_a_version_and_latest_only_when_not_worse(tmp_path, ray_local):
     from dass_ray.core.space import get_space
     from dass_ray.offline.metadataset import load_history
-    from dass_ray.offline.retrain import retrain
+    from dass_ray.offline.retrain import history_from_metadataset, retrain
     from dass_ray.search.history import LATEST, latest_predictor, versions_dir
     from dass_ray.search.inputs import DEFAULT_PREDICTOR
 
     hist = tmp_path / "hist"
-    history_from_shipped_rows(hist, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"])
+    history_from_metadataset(META, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"], hist, students=20)
     assert sorted(len(t.acc) for t in load_history(hist)) == [20, 20]
     assert latest_predictor(hist) is None
     meta = retrain(hist, META, DEFAULT_PREDICTOR, get_space("cpu"), episodes=4, holdout=0.5, seed=0)

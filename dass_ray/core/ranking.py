@@ -84,3 +84,12 @@ def label_ceiling(seeds: np.ndarray | None, label_seeds: int, n_boot: int = 1000
 
     return {"students": int(len(seeds)), "seed_spearman": float(r), "seed_spearman_ci": _interval(rs),
             "label_seeds": int(label_seeds), "reliability": float(rel(r)), "ceiling": float(np.sqrt(rel(r)))}
+
+
+def trials_needed(order, acc, tol=0.005) -> int:
+    """KD trials, in `order`, until one student within `tol` of the pool's best accuracy is measured."""
+    best = acc.max()
+    for k, i in enumerate(order, 1):
+        if acc[i] >= best - tol:
+            return k
+    return len(order)

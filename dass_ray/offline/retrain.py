@@ -24,6 +24,28 @@ from dass_ray.offline.metatrain import MetaTrainConfig, evaluate
 from dass_ray.offline.metatrain_ray import meta_train
 from dass_ray.search.history import LATEST, versions_dir
 
+def history_from_metadataset(metadataset: str | Path, task_ids: list[str], root: str | Path,
+                             students: int | None = None) -> None:
+    """Write tasks of a meta-dataset (their seed-0 ok students, the first `students` of each) as a search history
+    in `root`: how the benchmark simulates a user's history with real measured rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dass_ray.core.rows import HISTORY_STUDENT_SCHEMA, HISTORY_TASK_SCHEMA
+    from dass_ray.offline.metadataset import MetaDatasetStore
+
+    store, root = MetaDatasetStore(metadataset), Path(root)
+    prov = {"job_id": "simulated", "dataset_digest": "", "recorded_unix_s": time.time()}
+    tasks = {r["task_id"]: r for r in store.task_rows().to_pylist()}
+    rows = [r for r in store.students().to_pylist() if r["status"] == "ok" and r["replicate"] == 0]
+    for i, tid in enumerate(task_ids):
+        mine = [dict(r, role="history", **prov) for r in rows if r["task_id"] == tid][:students]
+        for sub, data, schema in (("students", mine, HISTORY_STUDENT_SCHEMA),
+                                  ("tasks", [dict(tasks[tid], role="history", **prov)], HISTORY_TASK_SCHEMA)):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(data, schema=schema), root / sub / f"sim{i}.parquet")
+
+
 def _next_version(d: Path) -> int:
     done = [int(m.group(1)) for p in d.glob("v*.pt") if (m := re.fullmatch(r"v(\d+)\.pt", p.name))]
     return max(done, default=0) + 1
