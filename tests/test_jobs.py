@@ -164,6 +164,16 @@ def test_search_args_follow_the_contract(tmp_path):
     assert request_from_args(ns) == s.request
 
 
+def test_the_contracts_torch_free_lists_match_the_code():
+    """The contract lists remapping schemes and scales without importing torch; they must match the code's."""
+    from dass_ray.core.config import SCALES
+    from dass_ray.core.remap import schemes
+    from dass_ray.service import contract as C
+
+    assert set(C.REMAP_SCHEMES) == set(schemes())
+    assert C.SCALE_SPACES == {name: s.space for name, s in SCALES.items()}
+
+
 def test_jobs_recorded_before_the_contract_still_load():
     old = {"dataset": "sha256:" + "a" * 64, "dataset_path": "/state/blobs/d.parquet", "teacher": "", "teacher_path": "",
            "max_flops": 0, "max_params": 0, "candidates": 24, "top_k": 0, "kd_epochs": 1, "seed": None, "scale": "tiny",
