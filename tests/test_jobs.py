@@ -293,7 +293,7 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     running process; then, during KD, the process is killed without an exit status (machine/worker loss): B
     launches it again with --resume and it finishes from its saved stage (the scored candidates are kept)."""
     s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=1)
-    a = _runner(tmp_path).start()
+    a = _runner(tmp_path, history=True).start()
     job, _ = a.submit("alice", "", s)
     wait_for(lambda: (j := a.store.get(job.job_id)).stage in ("embed", "score", "kd") or j.terminal, 180,
              "the search to start")
@@ -301,7 +301,7 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     assert not a.store.get(job.job_id).terminal, a.store.get(job.job_id).error
     handle = json.loads(a.store.get(job.job_id).handle)
 
-    b = _runner(tmp_path).start()
+    b = _runner(tmp_path, history=True).start()
     try:
         j = b.store.get(job.job_id)
         assert j.state == J.RUNNING and j.attempts == 1 and b.backend.poll(j.handle).kind == "running"
@@ -328,6 +328,11 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)  # top_k, each measured once
     assert res["best"]["measured_acc"] == max(t["measured_acc"] for t in trials) > 0.1  # 10 classes: chance 0.1
     assert (out / "student.torchscript.pt").is_file()
+    # the client's history got the search's students exactly once, though the search was killed and resumed
+    from dass_ray.offline.metadataset import load_history
+
+    (task,) = load_history(b.history_dir("alice"))
+    assert sorted(task.acc.tolist()) == pytest.approx(sorted(t["measured_acc"] for t in trials))
     # The search's own sequence numbers continue across the resume, with no gap.
     seqs = [json.loads(line)["seq"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert seqs == list(range(len(seqs)))
