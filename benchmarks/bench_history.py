@@ -6,7 +6,8 @@ measured students of the source's other tasks (the meta-dataset's real rows, wri
 predictor a search with `--predictor latest` would then use (retrained from the shipped one by
 `dass_ray.offline.retrain`, if it was promoted; else the shipped one) is compared with the shipped predictor on the
 held-out task: Spearman between predicted and measured post-KD accuracy, and KD trials in predicted order until a
-student within 0.5 points of the task's best is measured. Tasks with fewer than 3 measured students are skipped.
+student within 0.5 points of the task's best is measured. Tasks with fewer than 3 measured students, or whose
+students all measured the same accuracy, have no ranking to judge and are skipped (listed in `skipped`).
 
     python benchmarks/bench_history.py [--episodes 100]
 
@@ -54,14 +55,15 @@ def main(argv=None) -> int:
     shipped, _ = load_predictor(args.predictor, space)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(None, args.num_cpus)
-    rows = []
+    rows, skipped = [], []
     t0 = time.time()
     try:
         for source, ts in sorted(by_source.items()):
             if len(ts) < 2:
                 continue
             for held in ts:
-                if len(held.acc) < 3:
+                if len(held.acc) < 3 or np.ptp(held.acc.numpy()) == 0:  # no ranking to judge
+                    skipped.append(held.task_id)
                     continue
                 others = [t.task_id for t in ts if t is not held]
                 acc = held.acc.numpy()
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     mean = (lambda k: round(float(np.mean([r[k] for r in rows])), 4) if rows else None)
     print(json.dumps({"tasks": len(rows), "spearman_without": mean("spearman_without"),
                       "spearman_with": mean("spearman_with"), "trials_without": mean("trials_without"),
-                      "trials_with": mean("trials_with"), "episodes": args.episodes, "wall_s": round(time.time() - t0, 1),
+                      "trials_with": mean("trials_with"), "skipped": skipped, "episodes": args.episodes, "wall_s": round(time.time() - t0, 1),
                       "per_task": rows}))
     return 0
 
