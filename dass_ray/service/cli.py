@@ -58,9 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--search-cmd", help="command that runs one search (default: python scripts/search.py)")
     s.add_argument("--encoders", type=int, help="encoder actors of a search that does not ask for a number")
     s.add_argument("--predictors", type=int, help="predictor replicas of a search that does not ask for a number")
+    what = {"max_candidates": "candidates scored", "max_top_k": "students distilled (top_k)",
+            "max_kd_epochs": "KD epochs per student", "max_concurrent": "KD trials at once (max_concurrent)",
+            "max_encoders": "encoder actors", "max_predictors": "predictor replicas",
+            "max_batch_size": "candidates per encoder call"}
     for f in dataclasses.fields(Caps):  # per-search limits: over one, a submit answers RESOURCE_EXHAUSTED
         s.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
-                       help=f"largest {f.name[4:].replace('_', ' ')} one search may ask for (default {f.default})")
+                       help=f"most {what[f.name]} one search may ask for (default {f.default})")
     s.add_argument("-v", "--verbose", action="store_true")
 
     s = sub.add_parser("submit", help="upload a dataset (and teacher) and queue a search")
