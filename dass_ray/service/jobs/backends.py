@@ -161,7 +161,7 @@ class RayJobsAPI:
         self.headers = dict(headers) if headers else ray_auth_headers()
         self.timeout_s = timeout_s
 
-    def request(self, method: str, endpoint: str, body: dict | None = None) -> dict:
+    def request(self, method: str, endpoint: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
         import urllib.error
         import urllib.request
 
@@ -169,7 +169,7 @@ class RayJobsAPI:
         req = urllib.request.Request(self.address + endpoint, data=data, method=method,
                                      headers={"Content-Type": "application/json", **self.headers})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as r:
                 return json.loads(r.read() or b"{}")
         except urllib.error.HTTPError as e:
             raise RayJobsError(e.code, e.read().decode(errors="replace")) from None
@@ -177,8 +177,10 @@ class RayJobsAPI:
             raise RayJobsError(0, f"cannot reach {self.address}: {getattr(e, 'reason', e)}") from None
 
     def submit(self, entrypoint: str, submission_id: str, runtime_env: dict, metadata: dict) -> str:
+        # a submit waits for the head to start the job's supervisor: much slower than a status read when loaded
         return self.request("POST", "/api/jobs/", {"entrypoint": entrypoint, "submission_id": submission_id,
-                                                   "runtime_env": runtime_env, "metadata": metadata})["submission_id"]
+                                                   "runtime_env": runtime_env, "metadata": metadata},
+                            timeout_s=120)["submission_id"]
 
     def info(self, submission_id: str) -> dict:
         return self.request("GET", f"/api/jobs/{submission_id}")

@@ -20,10 +20,15 @@ from dass_ray.service.jobs.backends import RayJobsAPI, RayJobsError
 log = logging.getLogger("dass_ray.jobs")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class LocalRayHead:
@@ -55,9 +60,15 @@ class LocalRayHead:
             return self._start()
 
     def _start(self) -> str:
-        gcs, dash = _free_port(), _free_port()
+        # Every port its own free one, on the loopback address: Ray's defaults (the dashboard agent's 52365, ...)
+        # may be held by another Ray on this machine, and a head whose agent cannot bind accepts no job.
+        gcs, dash, *rest = _free_ports(9)
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
-               f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+               f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+               "--include-dashboard=true", "--disable-usage-stats"]
+        cmd += [f"--{flag}={port}" for flag, port in zip(
+            ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"), rest)]
         if self.num_cpus:
             cmd.append(f"--num-cpus={self.num_cpus}")
         log.info("starting a local Ray head for the searches: %s", " ".join(cmd))
