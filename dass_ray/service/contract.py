@@ -124,28 +124,8 @@ REQUEST_FIELDS: tuple[Field, ...] = (
 FIELDS_BY_NAME = {f.name: f for f in REQUEST_FIELDS}
 
 
-@dataclass(frozen=True)
-class SearchRequest:
-    """One search, as `scripts/search.py` runs it (defaults: the table above)."""
-
-    dataset: str = "mnist5k"
-    teacher: str = DEFAULT_TEACHER
-    predictor: str = DEFAULT_PREDICTOR
-    classes: tuple[str, ...] = ()
-    max_flops: int = 0
-    max_params: int = 0
-    candidates: int = 2000
-    top_k: int = 5
-    kd_epochs: int = 0
-    seed: int = 0
-    scale: str = "cpu"
-    remap: str = ""
-    readapt: bool = False
-    asha: bool = False
-    max_concurrent: int = 0
-    encoders: int = 2
-    predictors: int = 1
-    batch_size: int = 256
+class _Request:
+    """The methods of `SearchRequest` (whose fields, defaults and types are `REQUEST_FIELDS`)."""
 
     def validate(self) -> "SearchRequest":
         """Raise RequestError naming the field for a value no search runs with; returns self."""
@@ -212,6 +192,15 @@ class SearchRequest:
             else:
                 argv += [f.flag, str(v)]
         return argv
+
+
+# One search, as `scripts/search.py` runs it: a frozen dataclass made from the table, so the field list, the
+# defaults and the types exist once.
+SearchRequest = dataclasses.make_dataclass(
+    "SearchRequest", [(f.name, tuple[str, ...] if f.type is tuple else f.type, dataclasses.field(default=f.default))
+                      for f in REQUEST_FIELDS], bases=(_Request,), frozen=True)
+SearchRequest.__module__ = __name__  # pickles and reprs as dass_ray.service.contract.SearchRequest
+SearchRequest.__doc__ = "One search, as `scripts/search.py` runs it (fields and defaults: `REQUEST_FIELDS`)."
 
 
 def resolve_classes(wanted: tuple[str, ...], class_names: list[str] | tuple[str, ...]) -> list[int]:
