@@ -144,10 +144,10 @@ def test_spec_validation_names_the_field():
     spec(candidates=5, top_k=5).validate()
 
 
-def test_search_args_follow_the_contract(tmp_path):
+def test_job_args_follow_the_contract(tmp_path):
     s = spec(teacher_path="/t.pt", max_flops=1000, candidates=20, top_k=2, kd_epochs=1, seed=3, scale="tiny",
              readapt=True, asha=True)
-    a = s.search_args(tmp_path, resume=True, address="auto", extra=["--num-cpus", "1"])
+    a = s.job_args(tmp_path, resume=True, address="auto", extra=["--num-cpus", "1"])
     assert a[:4] == ["--dataset", s.request.dataset, "--teacher", "/t.pt"]
     for flag, v in [("--max-flops", "1000"), ("--candidates", "20"), ("--top-k", "2"), ("--kd-epochs", "1"),
                     ("--seed", "3"), ("--scale", "tiny"), ("--address", "auto"), ("--num-cpus", "1"),
@@ -155,7 +155,7 @@ def test_search_args_follow_the_contract(tmp_path):
         assert a[a.index(flag) + 1] == v
     assert "--readapt" in a and "--asha" in a
     assert a[-1] == "--resume" and "--max-params" not in a
-    assert spec().search_args(tmp_path, resume=False)[3] == "train"
+    assert spec().job_args(tmp_path, resume=False)[3] == "train"
     assert J.SearchSpec.from_dict(json.loads(s.canonical())) == s
     # what search.py parses from that argv is the same request
     from dass_ray.search.cli import parser
@@ -336,3 +336,63 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     # The search's own sequence numbers continue across the resume, with no gap.
     seqs = [json.loads(line)["seq"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert seqs == list(range(len(seqs)))
+
+
+def test_retrain_spec_round_trip_and_arguments(tmp_path):
+    r = J.RetrainSpec(episodes=7, seed=3).validate()
+    store = J.JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.create("alice", "r1", r)
+    assert store.get(job.job_id).spec == r and store.get(job.job_id).spec.kind == "retrain"
+    with pytest.raises(J.RequestConflict):  # the same request id for a search is another request
+        store.create("alice", "r1", spec())
+    a = r.job_args(tmp_path / "out", resume=True, address="auto", history=tmp_path / "h", extra=["--encoders", "1"])
+    assert a == ["--history", str(tmp_path / "h"), "--episodes", "7", "--seed", "3", "--output",
+                 str(tmp_path / "out"), "--address", "auto"]  # a rerun resumes by itself; search knobs stay out
+    from dass_ray.offline.retrain import parser
+
+    ns = parser().parse_args(a)  # what retrain.py reads from that argv
+    assert (ns.history, ns.episodes, ns.seed, ns.output, ns.address) == (str(tmp_path / "h"), 7, 3,
+                                                                         str(tmp_path / "out"), "auto")
+    for bad, field in ((dict(episodes=0), "episodes"), (dict(seed=-1), "seed")):
+        with pytest.raises(RequestError) as e:
+            J.RetrainSpec(**bad).validate()
+        assert e.value.field == field
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path, local_env):
+    """A retrain of alice's predictor on her history (real rows of two shipped test tasks), run by the runner as a
+    detached process: killed (with its local Ray) after its first checkpoint, it is launched again and continues
+    from that checkpoint, writes v1 once, and its events count the episodes without a gap."""
+    from dass_ray.offline.retrain import history_from_metadataset
+
+    meta = Path(__file__).resolve().parents[1] / "artifacts" / "metadataset"
+    r = _runner(tmp_path, history=True).start()
+    try:
+        hist = r.history_dir("alice")
+        history_from_metadataset(meta, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"], hist, students=20)
+        job, _ = r.submit("alice", "", J.RetrainSpec(episodes=30, seed=0))
+        j = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j or (j.stage == "retrain" and j.done >= 3
+                                                                               and j), 600, "the first checkpoint")
+        assert not j.terminal and j.done < 30, f"the retrain ended before it could be interrupted: {j.error}"
+        os.killpg(json.loads(j.handle)["pid"], signal.SIGKILL)  # launcher and retrain die; no exit file
+        _kill_all(local_env)  # and the retrain's own local Ray instance with them
+        final = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j, 600, "the resumed retrain")
+    finally:
+        r.stop()
+    assert final.state == J.SUCCEEDED and final.attempts == 2, final.error
+    out = json.loads((r.output_dir(job.job_id) / "retrain.json").read_text())
+    assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 30
+    versions = sorted(p.name for p in (hist / "predictors").glob("v*.pt"))
+    assert versions == ["v1.pt"]
+    assert json.loads((hist / "predictors" / "v1.json").read_text()) == out
+    evs = r.store.events(job.job_id)
+    assert [e.seq for e in evs] == list(range(len(evs))) and [e.terminal for e in evs].count(True) == 1
+    stages = [e.stage for e in evs]
+    i = stages.index("resumed")
+    progress_after = [e.done for e in evs[i:] if e.stage == "retrain"]
+    assert progress_after and progress_after[0] > 3 and progress_after[-1] == 30  # no episode redone from 0
+    assert evs[-1].stage == "done" and "v1" in evs[-1].message

@@ -471,6 +471,17 @@ def test_limits_unknown_classes_and_undecodable_requests(alice):
     assert alice.health() == "SERVING"
 
 
+def test_retrain_refusals_and_an_empty_predictor_list(alice, bob):
+    """What RetrainPredictor refuses before any job exists (the retrain itself runs in the slow test below and in
+    test_jobs.py): an empty history, episodes out of range, a bad request id; and no versions yet."""
+    FP, IA = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT
+    expect(FP, bob.retrain, contains="your search history is empty")
+    expect(IA, alice.retrain, episodes=-1, contains="episodes")
+    expect(IA, alice.retrain, episodes=100_001, contains="episodes")
+    expect(IA, alice.retrain, request_id="has space", contains="request_id")
+    assert alice.predictors() == [] and bob.predictors() == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # In-process servers (no Ray): queue, deadlines, drain, TLS
 # ----------------------------------------------------------------------------------------------------------------
@@ -744,6 +755,24 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
         assert hdir.name == hashlib.sha256(b"alice").hexdigest()[:16]
         (task,) = load_history(hdir)
         assert len(task.acc) >= 3 and task.role == "history"
+        # Alice retrains her predictor on that history (a Ray Job on the same head); Bob, with no history, cannot,
+        # and never sees her versions.
+        with client(srv) as c, client(srv, "bob") as b:
+            rj = c.retrain(episodes=4, request_id="rt-1")
+            assert rj.kind == pb.JOB_KIND_RETRAIN and rj.retrain.episodes == 4
+            assert c.retrain(episodes=4, request_id="rt-1").job_id == rj.job_id  # idempotent
+            final = c.wait(rj.job_id, timeout_s=900)
+            assert state_name(final.state) == "SUCCEEDED", final.error
+            evs = list(c.watch(rj.job_id))
+            assert [e.done for e in evs if e.stage == "retrain"][-1] == 4 and evs[-1].stage == "done"
+            expect(grpc.StatusCode.FAILED_PRECONDITION, c.result, rj.job_id, contains="not a search")
+            (v,) = c.predictors()
+            assert v.version == "v1" and v.parent_version == "shipped" and v.history_tasks == 1
+            assert v.history_students == len(task.acc) and v.latest == v.promoted
+            assert str(srv.state_dir) not in v.manifest_json
+            expect(grpc.StatusCode.FAILED_PRECONDITION, b.retrain, contains="history is empty")
+            assert b.predictors() == []
+            expect(grpc.StatusCode.NOT_FOUND, b.get_job, rj.job_id)
         head = json.loads((srv.state_dir / "ray_head.json").read_text())
         from ray.job_submission import JobSubmissionClient
 

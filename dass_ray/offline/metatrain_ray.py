@@ -8,9 +8,11 @@ keeps the best state by mean Spearman, and reports checkpoints; a rerun with the
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,7 +73,8 @@ def _loop(config: dict) -> None:
         opt.step()
         done = ep + 1
         if done % cfg.eval_every == 0 or done == cfg.episodes:
-            metrics = {"episode": done, "loss": total_loss, "wall_s": time.perf_counter() - t0}
+            metrics = {"episode": done, "episodes": cfg.episodes, "loss": total_loss,
+                       "wall_s": time.perf_counter() - t0, "resumed_from": start}
             if rank == 0:
                 ev = evaluate(model, val, cfg.adapt)["mean_spearman"] if val else -total_loss
                 metrics["val_spearman"] = ev
@@ -88,13 +91,30 @@ def _loop(config: dict) -> None:
                 ray.train.report(metrics)
 
 
+def _progress_callback(fn: Callable[[dict], None]):
+    """A Ray Train callback calling `fn(metrics of rank 0)` after each report (it runs in the Train controller,
+    normally on the driver's node); a failing `fn` is logged, never fatal to the training."""
+    import ray.train
+
+    class _Progress(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            try:
+                fn(dict(metrics[0]) if metrics else {})
+            except Exception as e:  # noqa: BLE001 - progress is best effort
+                logging.getLogger("dass_ray.metatrain").warning("progress callback failed: %r", e)
+
+    return _Progress()
+
+
 def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig, *,
                num_workers: int = 1, storage: str | Path, name: str = "meta-train", threads: int = 1,
-               max_failures: int = 0, init: dict | None = None) -> dict:
+               max_failures: int = 0, init: dict | None = None,
+               progress: Callable[[dict], None] | None = None) -> dict:
     """Run meta-training with a `TorchTrainer`; returns {'last': state, 'best': state, 'metrics': ..., ...}.
 
-    Rerunning with the same `storage`/`name` resumes from the last checkpoint. `init`: a parent predictor's state
-    dict to fine-tune from."""
+    Rerunning with the same `storage`/`name` resumes from the last checkpoint (`resumed_from`: the episode it
+    continued from, 0 for a fresh run). `init`: a parent predictor's state dict to fine-tune from. `progress`:
+    called with rank 0's metrics after every evaluation (episode, episodes, loss, val_spearman...)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -106,7 +126,8 @@ def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], c
                                      **scaling_config_kwargs("meta_train_worker", num_cpus=threads, use_gpu=False)),
         run_config=RunConfig(name=name, storage_path=resolve_storage(str(storage), Path(storage)),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=[_progress_callback(progress)] if progress else None),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -114,4 +135,5 @@ def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], c
     with result.checkpoint.as_directory() as d:
         blob = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
     return {"last": blob["model"], "best": blob["best_state"] or blob["model"], "best_val_spearman": blob["best"],
-            "best_episode": blob["best_episode"], "episodes": blob["episode"], "metrics": result.metrics}
+            "best_episode": blob["best_episode"], "episodes": blob["episode"], "metrics": result.metrics,
+            "resumed_from": int((result.metrics or {}).get("resumed_from", 0))}

@@ -67,10 +67,71 @@ def _mean_spearman(model, tasks: list[MetaTask]) -> float | None:
     return round(float(np.mean(per)), 4) if per else None
 
 
+def _run_name(version: int, parent: str | Path, cfg: MetaTrainConfig) -> str:
+    """The Ray Train run name: the same version, parent and options rerun after an interruption resume its
+    checkpoint (with the data as it is then: a history that grew meanwhile adds its new tasks); other options or
+    another parent start afresh."""
+    import hashlib
+
+    from dass_ray.fileutil import sha256_file
+
+    key = json.dumps([sha256_file(parent), cfg.to_dict()], sort_keys=True, default=str)
+    return f"v{version}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+class _Events:
+    """The retrain's progress as the search's event log (`events.jsonl`, read by the service), when asked for;
+    reopened for each line because the Ray Train controller writes some of them from its own process."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, stage: str, done: int = 0, total: int = 0, message: str = "") -> None:
+        """Append one line with the next sequence number (never rewrites the file: the service reads it meanwhile;
+        a torn last line from a kill is cut by the service before it relaunches)."""
+        if self.path is None:
+            return
+        import os
+
+        from dass_ray.service.contract import STAGES
+
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        seq = 0
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    seq = int(json.loads(line)["seq"]) + 1
+                except (ValueError, KeyError):
+                    break
+        ev = {"seq": seq, "time": time.time(), "stage": stage, "done": int(done), "total": int(total),
+              "message": message}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(ev) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _locked(d: Path):
+    """An exclusive lock on the history's predictor directory: one retrain of a history at a time."""
+    import fcntl
+
+    f = open(d / ".retrain.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"{d.parent}: another retrain of this history is running; wait for it to finish") from None
+    return f
+
+
 def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, space: SpaceConfig, *,
             episodes: int = 100, lr: float = 2e-4, holdout: float = 0.25, seed: int = 0, workers: int = 1,
-            threads: int = 1, command: str = "") -> dict:
-    """Write the next version; returns its manifest."""
+            threads: int = 1, command: str = "", events: str | Path | None = None) -> dict:
+    """Write the next version; returns its manifest. `events`: also write progress lines there (the search's
+    event-log format). Rerun with the same inputs after an interruption, it resumes from its last checkpoint."""
+    emit = _Events(Path(events) if events else None)
+    emit("load", 0, 1, "loading the history and the meta-dataset")
     hist = load_history(history)
     hist_train, hist_val = split_history(hist, holdout, seed)
     train = load_meta_tasks(metadataset, ("train",)) + hist_train
@@ -79,30 +140,142 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
     parent_model, parent_blob = load_predictor(parent, space)
     d = versions_dir(history)
     d.mkdir(parents=True, exist_ok=True)
-    version = _next_version(d)
-    cfg = MetaTrainConfig(episodes=episodes, lr=lr, eval_every=max(1, episodes // 10), seed=seed)
-    t0 = time.time()
-    out = meta_train(space, train, val, cfg, num_workers=workers, threads=threads, storage=d / "ray",
-                     name=f"v{version}", init={k: v.clone() for k, v in parent_model.state_dict().items()})
-    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
-    model.load_state_dict(out["best"])
-    teachers = [t.teacher_acc for t in train]
-    before = {"meta_val": _mean_spearman(parent_model, meta_val),
-              "history_held_out": _mean_spearman(parent_model, hist_val), "all": _mean_spearman(parent_model, val)}
-    after = {"meta_val": _mean_spearman(model, meta_val),
-             "history_held_out": _mean_spearman(model, hist_val), "all": _mean_spearman(model, val)}
-    promoted = after["all"] is not None and (before["all"] is None or after["all"] >= before["all"])
-    meta = {"version": f"v{version}", "parent": str(parent), "parent_version": (parent_blob.get("meta") or {}).get(
-                "version", "shipped"),
-            "command": command, "code_version": code_version(), "wall_s": round(time.time() - t0, 1),
-            "config": cfg.to_dict(), "metadataset": str(metadataset), "history": str(history),
-            "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
-            "history_train_tasks": [t.task_id for t in hist_train], "history_val_tasks": [t.task_id for t in hist_val],
-            "val_spearman_before": before, "val_spearman_after": after, "best_episode": out["best_episode"],
-            "train_teacher_acc_range": [min(teachers), max(teachers)], "promoted": promoted}
-    path = d / f"v{version}.pt"
-    save_predictor(path, model, space, meta)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
-    if promoted:
-        atomic_write_text(d / LATEST, path.name + "\n")
+    lock = _locked(d)
+    try:
+        version = _next_version(d)
+        cfg = MetaTrainConfig(episodes=episodes, lr=lr, eval_every=max(1, episodes // 10), seed=seed)
+        name = _run_name(version, parent, cfg)
+        n_hist = sum(len(t.acc) for t in hist)
+        emit("load", 1, 1, f"v{version}: {len(hist)} history tasks ({n_hist} students; {len(hist_train)} train, "
+             f"{len(hist_val)} held out) + {len(train) - len(hist_train)} meta-training tasks; validation on "
+             f"{len(val)} tasks")
+
+        def progress(m: dict) -> None:
+            sp = m.get("val_spearman")
+            emit("retrain", int(m.get("episode", 0)), episodes,
+                 f"episode {m.get('episode')}/{episodes}, loss {m.get('loss', float('nan')):.4f}"
+                 + (f", validation Spearman {sp:.3f}" if sp is not None else ""))
+
+        t0 = time.time()
+        out = meta_train(space, train, val, cfg, num_workers=workers, threads=threads, storage=d / "ray",
+                         name=name, init={k: v.clone() for k, v in parent_model.state_dict().items()},
+                         progress=progress if events else None)
+        model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+        model.load_state_dict(out["best"])
+        teachers = [t.teacher_acc for t in train]
+        before = {"meta_val": _mean_spearman(parent_model, meta_val),
+                  "history_held_out": _mean_spearman(parent_model, hist_val), "all": _mean_spearman(parent_model, val)}
+        after = {"meta_val": _mean_spearman(model, meta_val),
+                 "history_held_out": _mean_spearman(model, hist_val), "all": _mean_spearman(model, val)}
+        promoted = after["all"] is not None and (before["all"] is None or after["all"] >= before["all"])
+        meta = {"version": f"v{version}", "parent": str(parent), "parent_version": (parent_blob.get("meta") or {}).get(
+                    "version", "shipped"),
+                "command": command, "code_version": code_version(), "wall_s": round(time.time() - t0, 1),
+                "created_unix_s": time.time(), "run_name": name, "resumed_from_episode": out["resumed_from"],
+                "config": cfg.to_dict(), "metadataset": str(metadataset), "history": str(history),
+                "history_tasks": len(hist), "history_students": n_hist,
+                "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
+                "history_train_tasks": [t.task_id for t in hist_train],
+                "history_val_tasks": [t.task_id for t in hist_val],
+                "val_spearman_before": before, "val_spearman_after": after, "best_episode": out["best_episode"],
+                "train_teacher_acc_range": [min(teachers), max(teachers)], "promoted": promoted}
+        path = d / f"v{version}.pt"
+        save_predictor(path, model, space, meta)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+        if promoted:
+            atomic_write_text(d / LATEST, path.name + "\n")
+    finally:
+        lock.close()
     return meta
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def summary(meta: dict) -> str:
+    """One line for people: the version, validation before/after, and whether it became latest."""
+    b, a = meta["val_spearman_before"]["all"], meta["val_spearman_after"]["all"]
+    return (f"{meta['version']}: validation Spearman {_fmt(b)} (parent {meta['parent_version']}) -> {_fmt(a)}; "
+            + ("now latest" if meta["promoted"] else "not made latest (worse than its parent on validation)"))
+
+
+def parser():
+    """`scripts/retrain.py`'s options."""
+    import argparse
+
+    from dass_ray.fileutil import REPO_ROOT
+
+    ap = argparse.ArgumentParser(
+        prog="retrain.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Retrain the predictor on a search history (the students that searches run with --history "
+        "measured).\n\n  python scripts/retrain.py --history ~/dass-history\n  python scripts/search.py "
+        "--history ~/dass-history --predictor latest --dataset ...\n\nFine-tunes with Ray Train on the shipped "
+        "meta-dataset's training tasks plus the history's tasks, selects on the meta-validation tasks plus held-out "
+        "history tasks, writes <history>/predictors/vN.pt and vN.json, and makes it LATEST only if it is at least "
+        "as good as its parent there. Rerunning after an interruption resumes.")
+    ap.add_argument("--history", required=True, help="search history directory (scripts/search.py --history)")
+    ap.add_argument("--metadataset", default=str(REPO_ROOT / "artifacts" / "metadataset"),
+                    help="meta-dataset whose train/val tasks are kept (default: the shipped one)")
+    ap.add_argument("--parent", default=None, help="predictor to fine-tune (default: the history's latest, "
+                    "else the shipped predictor)")
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=2e-4, help="meta learning rate (Adam)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="fraction of history tasks held out for selection")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--output", default=None, help="also write progress (events.jsonl) and the new version's "
+                    "manifest (retrain.json) here (what the service's retrain jobs read)")
+    return ap
+
+
+def main(argv=None) -> int:
+    """`scripts/retrain.py` (and `python -m dass_ray.offline.retrain`, which the service runs as a job)."""
+    import shlex
+    import sys
+
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.episodes < 1:
+        ap.error(f"--episodes must be >= 1, got {args.episodes}")
+    if not 0.0 <= args.holdout < 1.0:
+        ap.error(f"--holdout must be in [0, 1), got {args.holdout}")
+
+    from dass_ray.core.space import get_space
+    from dass_ray.search.history import latest_predictor
+    from dass_ray.search.inputs import DEFAULT_PREDICTOR
+    from dass_ray.search.rayutil import init_ray
+
+    out = Path(args.output) if args.output else None
+    events = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        events = out / "events.jsonl"
+    emit = _Events(events)
+    parent = args.parent or latest_predictor(args.history) or DEFAULT_PREDICTOR
+    try:
+        init_ray(args.address, args.num_cpus)
+        meta = retrain(args.history, args.metadataset, parent, get_space("cpu"), episodes=args.episodes,
+                       lr=args.lr, holdout=args.holdout, seed=args.seed, workers=args.workers, events=events,
+                       command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    except ValueError as e:
+        emit("failed", 0, 0, str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import ray
+
+        ray.shutdown()
+    if out is not None:
+        atomic_write_text(out / "retrain.json", json.dumps(meta, indent=1))
+    emit("done", 1, 1, summary(meta))
+    print(summary(meta), file=sys.stderr)
+    print(json.dumps({k: meta[k] for k in ("version", "parent", "val_spearman_before", "val_spearman_after",
+                                           "promoted", "resumed_from_episode", "wall_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -74,19 +74,7 @@ def record(history: str | Path, run_id: str, *, job_id: str, dataset_digest: str
     return len(students)
 
 
-# ---- predictor versions retrained on a history (dass_ray.offline.retrain writes them) ----
+# ---- predictor versions retrained on a history: defined by the contract (the torch-free server reads them) ----
+from dass_ray.service.contract import LATEST, latest_predictor, versions_dir  # noqa: E402,F401 - re-exported
 
-LATEST = "LATEST"
-
-
-def versions_dir(history: str | Path) -> Path:
-    return Path(history) / "predictors"
-
-
-def latest_predictor(history: str | Path) -> Path | None:
-    """The history's latest retrained predictor, or None when it has none."""
-    f = versions_dir(history) / LATEST
-    if not f.is_file():
-        return None
-    p = versions_dir(history) / f.read_text().strip()
-    return p if p.is_file() else None
+__all__ = ["record", "task_id_for", "LATEST", "latest_predictor", "versions_dir"]

@@ -3,6 +3,7 @@
     dass-ray serve  --port 50051 --state-dir state/ --token-file tokens.txt [--address http://HEAD:8265]
     dass-ray submit --server HOST:PORT --token-file my.token --dataset data.parquet [--teacher t.pt] [--watch]
     dass-ray jobs | watch ID | result ID [--download DIR] | cancel ID
+    dass-ray retrain [--watch] | predictors   # your predictor, retrained on your own search history
     dass-ray search ...            # the search itself, in this process (same flags as scripts/search.py)
 
 Client commands read --server / --token-file from $DASS_RAY_SERVER / $DASS_RAY_TOKEN_FILE when not given
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Caps):  # per-search limits: over one, a submit answers RESOURCE_EXHAUSTED
         s.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
                        help=f"most {what[f.name]} one search may ask for (default {f.default})")
+    s.add_argument("--no-history", action="store_true", help="keep no per-client search history (searches do "
+                   "not record their students; RetrainPredictor is refused)")
     s.add_argument("-v", "--verbose", action="store_true")
 
     s = sub.add_parser("submit", help="upload a dataset (and teacher) and queue a search")
@@ -104,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("job_id")
     s.add_argument("--no-wait", action="store_true", help="do not wait for the job to stop")
 
+    s = sub.add_parser("retrain", help="retrain your predictor on your own search history (then submit with "
+                       "--predictor latest)")
+    _add_client_flags(s)
+    s.add_argument("--episodes", type=int, default=0, help="meta-training episodes (default: the server's, 100)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+    s.add_argument("--watch", action="store_true", help="show progress until the job ends")
+
+    s = sub.add_parser("predictors", help="your retrained predictor versions, newest first")
+    _add_client_flags(s)
+    s.add_argument("--json", action="store_true")
+
     sub.add_parser("search", help="run one search here (scripts/search.py's flags)", add_help=False)
     return ap
 
@@ -127,7 +142,7 @@ def _serve(a) -> int:
                        max_upload_bytes=int(a.max_upload_mb * (1 << 20)), workers=a.workers, grace_s=a.grace,
                        data_roots=[Path(d) for d in a.data_root] if a.data_root else default_data_roots(),
                        search_cmd=shlex.split(a.search_cmd) if a.search_cmd else None, search_defaults=defaults,
-                       caps=caps)
+                       caps=caps, history=not a.no_history)
     try:
         return serve(cfg)
     except (OSError, ValueError) as e:
@@ -151,7 +166,7 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def _follow(c, job_id: str, from_sequence: int = 0) -> int:
+def _follow(c, job_id: str, from_sequence: int = 0, result_hint: str | None = None) -> int:
     """Print progress until the job ends; 0 if it succeeded, 1 otherwise."""
     from dass_ray.service.client import state_name
 
@@ -180,7 +195,10 @@ def _follow(c, job_id: str, from_sequence: int = 0) -> int:
     job = c.get_job(job_id)
     st = state_name(job.state)
     if st == "SUCCEEDED":
-        print(f"job {job_id} succeeded: dass-ray result {job_id}")
+        from dass_ray.v1 import search_pb2 as pb
+
+        hint = result_hint or ("dass-ray predictors" if job.kind == pb.JOB_KIND_RETRAIN else f"dass-ray result {job_id}")
+        print(f"job {job_id} succeeded: {hint}")
         return 0
     reason = job.error or (last.message if last else "")
     print(f"dass-ray: job {job_id} {st.lower()}: {reason}", file=sys.stderr)
@@ -267,6 +285,48 @@ def _result(a) -> int:
         return 0
 
 
+def _retrain(a) -> int:
+    from dass_ray.service.client import state_name
+
+    with _client(a) as c:
+        job = c.retrain(episodes=a.episodes, seed=a.seed, request_id=a.request_id)
+        print(job.job_id)
+        if not a.watch:
+            print(f"retrain job {job.job_id} {state_name(job.state).lower()}; follow it with: dass-ray watch "
+                  f"{job.job_id}; then: dass-ray predictors", file=sys.stderr)
+            return 0
+        rc = _follow(c, job.job_id, result_hint="dass-ray predictors")
+        if rc == 0:
+            _print_versions(c.predictors()[:1])
+        return rc
+
+
+def _print_versions(versions) -> None:
+    def f(v, name):
+        return f"{getattr(v, name):.3f}" if v.HasField(name) else "n/a"
+
+    print(f"{'VERSION':8}  {'PARENT':8}  {'LATEST':6}  {'VAL BEFORE':>10}  {'VAL AFTER':>9}  {'HISTORY':>16}  CREATED")
+    for v in versions:
+        print(f"{v.version:8}  {v.parent_version:8}  {'yes' if v.latest else '':6}  "
+              f"{f(v, 'val_spearman_before'):>10}  {f(v, 'val_spearman_after'):>9}  "
+              f"{f'{v.history_tasks} tasks/{v.history_students}':>16}  {_fmt_time(v.created_unix_s)}")
+
+
+def _predictors(a) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(a) as c:
+        versions = c.predictors()
+        if a.json:
+            print(json.dumps([MessageToDict(v, preserving_proto_field_name=True) for v in versions], indent=1))
+        elif not versions:
+            print("no retrained predictor yet: searches use the shipped one (dass-ray retrain makes one from your "
+                  "search history)", file=sys.stderr)
+        else:
+            _print_versions(versions)
+        return 0
+
+
 def _cancel(a) -> int:
     from dass_ray.service.client import TERMINAL, state_name
 
@@ -292,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"submit": _submit, "jobs": _jobs, "watch": lambda a: _follow_cmd(a), "result": _result,
-                "cancel": _cancel}[a.cmd](a)
+                "cancel": _cancel, "retrain": _retrain, "predictors": _predictors}[a.cmd](a)
     except ClientError as e:
         print(f"dass-ray: error: {e}", file=sys.stderr)
         return 1

@@ -236,6 +236,18 @@ class SearchClient:
     def result(self, job_id: str) -> pb.SearchResult:
         return self._call(self.stub.GetResult, pb.GetResultRequest(job_id=job_id))
 
+    def retrain(self, *, episodes: int = 0, seed: int | None = None, request_id: str | None = None) -> pb.Job:
+        """Queue a retrain of this client's predictor on its own search history (a job of kind retrain; watch it
+        like a search). Retried safely like `submit`."""
+        req = pb.RetrainPredictorRequest(request_id=request_id or uuid.uuid4().hex, episodes=episodes)
+        if seed is not None:
+            req.seed = seed
+        return self._call(self.stub.RetrainPredictor, req, retry_unavailable=3)
+
+    def predictors(self) -> list[pb.PredictorVersion]:
+        """This client's retrained predictor versions, newest first."""
+        return list(self._call(self.stub.ListPredictors, pb.ListPredictorsRequest()).versions)
+
     def download(self, job_id: str, kind: str | int, dest: str | Path) -> Path:
         """Download one artifact ("torchscript", "weights", "report", "candidates", "trials") into directory
         `dest`; resumes after a broken stream and checks the sha256. Returns the file's path."""

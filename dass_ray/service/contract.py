@@ -26,15 +26,17 @@ from typing import Any
 # The search's stages, in order. "queued", "started" and "resumed" are the service's own (before the search
 # runs, and when a lost search is launched again); "done", "failed", "cancelled" are terminal.
 SEARCH_STAGES = ("validate", "teacher", "embed", "score", "kd", "export")
+RETRAIN_STAGES = ("load", "retrain")  # a predictor retrain job's (`scripts/retrain.py --output`)
 SERVICE_STAGES = ("queued", "started", "resumed")
 TERMINAL_STAGES = ("done", "failed", "cancelled")
 SEARCH_TERMINAL = ("done", "failed")  # what a search itself ends with ("cancelled" is the service's)
-STAGES = SERVICE_STAGES + SEARCH_STAGES + TERMINAL_STAGES
+STAGES = SERVICE_STAGES + SEARCH_STAGES + RETRAIN_STAGES + TERMINAL_STAGES
 # `timings_s` keys: the search stages that take time ("embed" overlaps "score": both are counted in "score").
 TIMED_STAGES = ("teacher", "score", "kd", "export")
 
 EVENTS_FILE = "events.jsonl"
 RESULT_FILE = "result.json"
+RETRAIN_FILE = "retrain.json"  # a retrain job's result: the new predictor version's manifest
 # artifact kind (the proto's ArtifactKind without its prefix, lower case) -> file name
 ARTIFACTS = {"torchscript": "student.torchscript.pt", "weights": "student.pt", "report": "report.png",
              "candidates": "candidates.parquet", "trials": "trials.parquet"}
@@ -463,3 +465,42 @@ class SearchResult:
     @classmethod
     def read(cls, path: str | Path) -> "SearchResult":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictor versions retrained on a search history (`scripts/retrain.py` writes them; searches with
+# `--predictor latest`, the server's ListPredictors and the client read them)
+# ---------------------------------------------------------------------------------------------------------------
+
+LATEST = "LATEST"  # <history>/predictors/LATEST names the newest version at least as good as its parent
+
+
+def versions_dir(history: str | Path) -> Path:
+    """`<history>/predictors`: `vN.pt` (the predictor), `vN.json` (its manifest), `LATEST`."""
+    return Path(history) / "predictors"
+
+
+def latest_predictor(history: str | Path) -> Path | None:
+    """The history's latest retrained predictor, or None when it has none."""
+    f = versions_dir(history) / LATEST
+    if not f.is_file():
+        return None
+    p = versions_dir(history) / f.read_text().strip()
+    return p if p.is_file() else None
+
+
+def predictor_versions(history: str | Path) -> list[tuple[dict, bool]]:
+    """(manifest, is latest) of every finished version, newest first; a manifest that does not parse is skipped."""
+    import re
+
+    d, latest = versions_dir(history), latest_predictor(history)
+    out = []
+    for m in d.glob("v*.json"):
+        if not re.fullmatch(r"v\d+\.json", m.name) or not m.with_suffix(".pt").is_file():
+            continue
+        try:
+            meta = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        out.append((int(m.stem[1:]), meta, latest is not None and latest.name == m.with_suffix(".pt").name))
+    return [(meta, is_latest) for _, meta, is_latest in sorted(out, key=lambda t: -t[0])]

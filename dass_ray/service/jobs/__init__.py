@@ -2,7 +2,8 @@
 
 Every job is one run of the search job contract (`scripts/search.py --dataset ... --output DIR`, its options
 derived from `dass_ray.service.contract.SearchRequest`), which writes `DIR/events.jsonl` (progress),
-`DIR/result.json` and the artifacts. The runner
+`DIR/result.json` and the artifacts; or a retrain of its client's predictor on the client's own search history
+(`scripts/retrain.py --history <the client's> --output DIR`: `DIR/events.jsonl` and `DIR/retrain.json`). The runner
 
 - keeps the job table, the uploads table and each job's event log in SQLite (WAL mode) under the state
   directory, so they survive a restart of the server (`store`);
@@ -20,12 +21,12 @@ No gRPC here: `dass_ray.service.server` translates between protobuf and this pac
 """
 from dass_ray.service.jobs.backends import Backend, LocalBackend, RayJobBackend, Status
 from dass_ray.service.jobs.events import read_search_events, truncate_partial_line
-from dass_ray.service.jobs.runner import JobRunner, RunnerConfig, default_search_command
+from dass_ray.service.jobs.runner import JobRunner, RunnerConfig, default_retrain_command, default_search_command
 from dass_ray.service.jobs.store import (CANCELLED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Event,
-                                         JobFinished, JobNotFound, JobRow, JobStore, QueueFull, RequestConflict,
-                                         SearchSpec, Upload)
+                                         JobFinished, JobNotFound, JobRow, JobSpec, JobStore, QueueFull,
+                                         RequestConflict, RetrainSpec, SearchSpec, Upload)
 
 __all__ = ["Backend", "LocalBackend", "RayJobBackend", "Status", "read_search_events", "truncate_partial_line",
-           "JobRunner", "RunnerConfig", "default_search_command", "CANCELLED", "FAILED", "QUEUED", "RUNNING",
+           "JobRunner", "RunnerConfig", "default_retrain_command", "default_search_command", "CANCELLED", "FAILED", "QUEUED", "RUNNING",
            "STATES", "SUCCEEDED", "TERMINAL", "Event", "JobFinished", "JobNotFound", "JobRow", "JobStore",
-           "QueueFull", "RequestConflict", "SearchSpec", "Upload"]
+           "JobSpec", "QueueFull", "RequestConflict", "RetrainSpec", "SearchSpec", "Upload"]

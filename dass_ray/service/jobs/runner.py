@@ -11,27 +11,36 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dass_ray.service.contract import EVENTS_FILE, RESULT_FILE
+from dass_ray.service.contract import EVENTS_FILE
 from dass_ray.service.jobs.backends import Backend, RayJobBackend
 from dass_ray.service.jobs.events import read_search_events, truncate_partial_line
 from dass_ray.service.jobs.store import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobFinished, JobNotFound,
-                                         JobRow, JobStore, SearchSpec)
+                                         JobRow, JobSpec, JobStore)
 
 log = logging.getLogger("dass_ray.jobs")
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def _command(env: str, script: str, module: str) -> list[str]:
+    """`$env` if set, else this interpreter on the repository's scripts/<script>, else `python -m <module>` (an
+    installed package without the scripts)."""
+    if os.environ.get(env):
+        return shlex.split(os.environ[env])
+    path = ROOT / "scripts" / script
+    if path.is_file():
+        return [sys.executable, str(path)]
+    return [sys.executable, "-m", module]
+
+
 def default_search_command() -> list[str]:
-    """How to start a search: `$DASS_RAY_SEARCH_CMD` if set, else this interpreter on the repository's
-    scripts/search.py, else `python -m dass_ray.search.cli` (an installed package without the scripts)."""
-    env = os.environ.get("DASS_RAY_SEARCH_CMD")
-    if env:
-        return shlex.split(env)
-    script = ROOT / "scripts" / "search.py"
-    if script.is_file():
-        return [sys.executable, str(script)]
-    return [sys.executable, "-m", "dass_ray.search.cli"]
+    """How to start a search (`$DASS_RAY_SEARCH_CMD` overrides)."""
+    return _command("DASS_RAY_SEARCH_CMD", "search.py", "dass_ray.search.cli")
+
+
+def default_retrain_command() -> list[str]:
+    """How to start a retrain of a client's predictor (`$DASS_RAY_RETRAIN_CMD` overrides)."""
+    return _command("DASS_RAY_RETRAIN_CMD", "retrain.py", "dass_ray.offline.retrain")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,6 +59,7 @@ class RunnerConfig:
     poll_s: float = 0.5
     cancel_grace_s: float = 10.0
     search_cmd: list[str] = field(default_factory=default_search_command)
+    retrain_cmd: list[str] = field(default_factory=default_retrain_command)
     extra_args: list[str] = field(default_factory=list)  # passed to every search (e.g. --encoders 2)
     history: bool = False  # every search appends its students to its client's history (`history_dir`)
 
@@ -136,7 +146,7 @@ class JobRunner:
             return self._version
 
     # ---- client-facing operations (any thread) ----------------------------------------------------------
-    def submit(self, owner: str, request_id: str, spec: SearchSpec) -> tuple[JobRow, bool]:
+    def submit(self, owner: str, request_id: str, spec: JobSpec) -> tuple[JobRow, bool]:
         spec.validate()
         if not self._accepting:
             raise RuntimeError("the server is shutting down and accepts no new jobs")
@@ -204,10 +214,10 @@ class JobRunner:
         if resume:
             truncate_partial_line(out / EVENTS_FILE)
         address = "auto" if self.backend.name == "ray" else None
-        extra = list(self.config.extra_args) + ["--job-id", job.job_id]
-        if self.config.history:
-            extra += ["--history", str(self.history_dir(job.owner))]
-        cmd = list(self.config.search_cmd) + job.spec.search_args(out, resume=resume, address=address, extra=extra)
+        history = self.history_dir(job.owner) if self.config.history or job.spec.kind == "retrain" else None
+        program = self.config.retrain_cmd if job.spec.kind == "retrain" else self.config.search_cmd
+        cmd = list(program) + job.spec.job_args(out, resume=resume, address=address, history=history,
+                                                job_id=job.job_id, extra=self.config.extra_args)
         now = time.time()
         # Claim the job first (a concurrent cancel of a QUEUED job wins or loses atomically).
         if not self.store.update(job.job_id, expect_state=QUEUED, state=RUNNING, attempts=attempt,
@@ -223,7 +233,7 @@ class JobRunner:
             self._finalize(self.store.get(job.job_id), FAILED, f"could not start the search: {e}")
             return False
         where = "a Ray Job" if self.backend.name == "ray" else "a local process"
-        msg = (f"relaunched as {where} with --resume (attempt {attempt}): continues from its last saved stage"
+        msg = (f"relaunched as {where} (attempt {attempt}): continues from its last saved stage"
                if resume else f"launched as {where}")
         self.store.append(job.job_id, [{"stage": "resumed" if resume else "started", "message": msg,
                                         "state": RUNNING, "time": now}], handle=handle)
@@ -246,9 +256,8 @@ class JobRunner:
 
     def _redact(self, job: JobRow, text: str) -> str:
         """A message for the client: the server's files named as the client named them."""
-        spec = job.spec
-        for path, shown in ((spec.request.dataset, spec.dataset), (spec.request.teacher, spec.teacher or "train"),
-                            (str(self.output_dir(job.job_id)), "<output>"), (str(self.state_dir), "<server>")):
+        for path, shown in job.spec.shown_paths() + [(str(self.output_dir(job.job_id)), "<output>"),
+                                                     (str(self.state_dir), "<server>")]:
             if path and path != shown:
                 text = text.replace(path, shown)
         return text
@@ -279,29 +288,30 @@ class JobRunner:
         pending = self._ingest(self.store.get(job.job_id)) or pending  # the last lines before it ended
         job = self.store.get(job.job_id)
         self._cancel_sent.pop(job.job_id, None)
-        result = self.output_dir(job.job_id) / RESULT_FILE
+        result = self.output_dir(job.job_id) / job.spec.result_file
+        what = job.spec.kind
         if job.cancel_requested:
             self._finalize(job, CANCELLED, "cancelled by the client")
         elif st.kind == "stopped":
             self._finalize(job, CANCELLED, f"stopped outside the service: {st.detail}")
         elif st.kind == "exited" and st.returncode == 0:
             if result.is_file():
-                self._finalize(job, SUCCEEDED, (pending or {}).get("message") or "search finished")
+                self._finalize(job, SUCCEEDED, (pending or {}).get("message") or f"{what} finished")
             else:
-                self._finalize(job, FAILED, "the search exited 0 but wrote no result.json")
+                self._finalize(job, FAILED, f"the {what} exited 0 but wrote no {result.name}")
         elif st.kind == "exited" and st.returncode is not None and st.returncode > 0:
             reason = ""
             if pending and pending.get("stage") == "failed":
                 reason = str(pending.get("message", ""))
             reason = reason or self.backend.failure_detail(job.handle) or st.detail
-            self._finalize(job, FAILED, reason or f"the search exited with code {st.returncode}")
+            self._finalize(job, FAILED, reason or f"the {what} exited with code {st.returncode}")
         elif pending and pending.get("stage") == "done" and result.is_file():
             # It finished its work and wrote its result; only its process (or Ray Job record) went away.
-            self._finalize(job, SUCCEEDED, str(pending.get("message") or "search finished"))
+            self._finalize(job, SUCCEEDED, str(pending.get("message") or f"{what} finished"))
         else:  # lost, or killed by a signal it did not ask for: resume from the saved stage
             why = st.detail or (f"killed by signal {-st.returncode}" if st.returncode else "worker lost")
             if job.attempts >= self.config.max_attempts:
-                self._finalize(job, FAILED, f"the search was lost {job.attempts} times; last: {why}")
+                self._finalize(job, FAILED, f"the {what} was lost {job.attempts} times; last: {why}")
             else:
                 self._requeue(job, why)
 

@@ -1,5 +1,6 @@
 """The durable job table, event log and uploads table (SQLite in WAL mode under the state directory), and what a
-submitted search is (`SearchSpec`). They survive a restart of the server."""
+job runs: a search (`SearchSpec`) or a retrain of its client's predictor (`RetrainSpec`). They survive a restart
+of the server."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dass_ray.service.contract import SearchRequest
+from dass_ray.service.contract import RESULT_FILE, RETRAIN_FILE, RequestError, SearchRequest
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -34,6 +35,13 @@ class SearchSpec:
     request: SearchRequest
     teacher: str = ""
     dry_run: bool = False
+
+    kind = "search"
+    result_file = RESULT_FILE
+
+    def shown_paths(self) -> list[tuple[str, str]]:
+        """(server path, the client's name for it) pairs: messages to the client name its own inputs."""
+        return [(self.request.dataset, self.dataset), (self.request.teacher, self.teacher or "train")]
 
     @property
     def train_teacher(self) -> bool:
@@ -62,16 +70,73 @@ class SearchSpec:
         """Canonical JSON: equal requests give equal strings (for idempotent submits)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
-    def search_args(self, output: Path, *, resume: bool, address: str | None = None,
-                    extra: Iterable[str] = ()) -> list[str]:
+    def job_args(self, output: Path, *, resume: bool, address: str | None = None, history: Path | None = None,
+                 job_id: str = "", extra: Iterable[str] = ()) -> list[str]:
         """The search job contract's command-line arguments (after the program)."""
         a = self.request.to_argv() + ["--output", str(output)]
         if address:
             a += ["--address", address]
         a += list(extra)
+        if job_id:
+            a += ["--job-id", job_id]
+        if history is not None:
+            a += ["--history", str(history)]
         if resume:
             a.append("--resume")
         return a
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    """One submitted retrain of a client's predictor on its own search history (`scripts/retrain.py`); the
+    history is always the job owner's own (the runner fills it in), never named by the client."""
+
+    episodes: int = 100
+    seed: int = 0
+    max_episodes = 100_000
+
+    kind = "retrain"
+    result_file = RETRAIN_FILE
+    dry_run = False
+
+    def shown_paths(self) -> list[tuple[str, str]]:
+        return []
+
+    def validate(self) -> "RetrainSpec":
+        if not 1 <= self.episodes <= self.max_episodes:
+            raise RequestError("episodes", f"must be in [1, {self.max_episodes}], got {self.episodes}")
+        if not 0 <= self.seed < 2**31:
+            raise RequestError("seed", f"must be in [0, 2^31), got {self.seed}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "episodes": self.episodes, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RetrainSpec":
+        return cls(int(d["episodes"]), int(d["seed"]))
+
+    def canonical(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def job_args(self, output: Path, *, resume: bool, address: str | None = None, history: Path | None = None,
+                 job_id: str = "", extra: Iterable[str] = ()) -> list[str]:
+        """`scripts/retrain.py`'s arguments; a rerun resumes by itself (its Ray Train checkpoint), so `resume`
+        adds nothing."""
+        if history is None:
+            raise ValueError("a retrain job needs its client's history directory")
+        a = ["--history", str(history), "--episodes", str(self.episodes), "--seed", str(self.seed),
+             "--output", str(output)]
+        if address:
+            a += ["--address", address]
+        return a
+
+
+JobSpec = SearchSpec | RetrainSpec
+
+
+def spec_from_dict(d: dict) -> JobSpec:
+    return RetrainSpec.from_dict(d) if d.get("kind") == "retrain" else SearchSpec.from_dict(d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,7 +151,7 @@ class JobRow:
     job_id: str
     owner: str
     request_id: str
-    spec: SearchSpec
+    spec: JobSpec
     state: str
     stage: str
     done: int
@@ -273,13 +338,13 @@ class JobStore:
     @staticmethod
     def _row(r: sqlite3.Row | tuple) -> JobRow:
         d = dict(zip(_JOB_COLS, r))
-        d["spec"] = SearchSpec.from_dict(json.loads(d["spec"]))
+        d["spec"] = spec_from_dict(json.loads(d["spec"]))
         d["cancel_requested"] = bool(d["cancel_requested"])
         return JobRow(**d)
 
     _SELECT = "SELECT " + ", ".join(_JOB_COLS) + " FROM jobs"
 
-    def create(self, owner: str, request_id: str, spec: SearchSpec, *, max_queued: int | None = None,
+    def create(self, owner: str, request_id: str, spec: JobSpec, *, max_queued: int | None = None,
                now: float | None = None) -> tuple[JobRow, bool]:
         """Insert a QUEUED job with its first event; returns (job, created). An existing (owner, request_id)
         with the same spec returns that job (created False); with another spec raises RequestConflict."""
@@ -371,7 +436,8 @@ class JobStore:
         if not fields:
             return True
         sets = ", ".join(f"{k}=?" for k in fields)
-        args = [json.dumps(v.to_dict()) if isinstance(v, SearchSpec) else v for v in fields.values()]
+        args = [json.dumps(v.to_dict()) if isinstance(v, (SearchSpec, RetrainSpec)) else v
+                for v in fields.values()]
         q = f"UPDATE jobs SET {sets} WHERE job_id=?"
         args.append(job_id)
         if expect_state is not None:

@@ -54,7 +54,11 @@ def _spec_pb(s: J.SearchSpec) -> pb.SearchSpec:
 
 
 def _job_pb(j: J.JobRow, queue_position: int = -1) -> pb.Job:
-    return pb.Job(job_id=j.job_id, request_id=j.request_id, state=_STATE_TO_PB[j.state], spec=_spec_pb(j.spec),
+    if j.spec.kind == "retrain":
+        what = dict(kind=pb.JOB_KIND_RETRAIN, retrain=pb.RetrainSpec(episodes=j.spec.episodes, seed=j.spec.seed))
+    else:
+        what = dict(kind=pb.JOB_KIND_SEARCH, spec=_spec_pb(j.spec))
+    return pb.Job(job_id=j.job_id, request_id=j.request_id, state=_STATE_TO_PB[j.state], **what,
                   stage=j.stage, done=j.done, total=j.total, message=j.message, error=j.error,
                   created_unix_s=j.created, started_unix_s=j.started, finished_unix_s=j.finished,
                   attempts=j.attempts, last_sequence=j.last_sequence, cancel_requested=j.cancel_requested,
@@ -168,8 +172,8 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         return _job_pb(job, self.store.queue_position(job))
 
-    def _check_retry(self, old: J.JobRow, request, client: str) -> J.JobRow:
-        spec = self._spec(request, client)
+    def _check_retry(self, old: J.JobRow, request, client: str, spec: J.JobSpec | None = None) -> J.JobRow:
+        spec = spec or self._spec(request, client)
         if spec.canonical() != old.spec.canonical():
             raise J.RequestConflict(f"request_id {request.request_id!r} was already used for a different "
                                     f"request (job {old.job_id})")
@@ -285,6 +289,10 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
     # ---- results ------------------------------------------------------------------------------------------
     def _finished(self, job_id: str, client: str) -> J.JobRow:
         job = self._job(job_id, client)
+        if job.spec.kind != "search":
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"job {job.job_id} is a {job.spec.kind}, not a "
+                               f"search: it has no search result or artifacts (ListPredictors shows the predictor "
+                               f"version a retrain wrote)")
         if job.state == J.FAILED:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"job {job.job_id} failed: {job.error}")
         if job.state != J.SUCCEEDED:
@@ -340,3 +348,47 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
                 if not b:
                     return
                 yield pb.ArtifactChunk(data=b)
+
+    # ---- the client's own predictor (retrained on its search history) -------------------------------------
+    @_rpc("unary")
+    def RetrainPredictor(self, request, context, client):
+        self._not_draining()
+        if not self.cfg.history:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "this server keeps no search histories "
+                               "(started with --no-history), so there is nothing to retrain on")
+        rid = request.request_id
+        if rid and not _REQUEST_ID_RE.match(rid):
+            raise _invalid("request_id", "at most 128 printable ASCII characters, no spaces")
+        spec = J.RetrainSpec(episodes=request.episodes or J.RetrainSpec.episodes,
+                             seed=request.seed if request.HasField("seed") else 0)
+        spec.validate()
+        if rid:
+            old = self.store.get_by_request(client, rid)
+            if old is not None:
+                job = self._check_retry(old, request, client, spec)
+                return _job_pb(job, self.store.queue_position(job))
+        hist = self.runner.history_dir(client)
+        if not any((hist / "tasks").glob("*.parquet")):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "your search history is empty: it grows with "
+                               "every search of yours that distils students; retrain after one has finished")
+        job, _ = self.runner.submit(client, rid, spec)
+        return _job_pb(job, self.store.queue_position(job))
+
+    @_rpc("unary")
+    def ListPredictors(self, request, context, client):
+        return pb.ListPredictorsResponse(versions=[_version_pb(m, latest) for m, latest in
+                                                   C.predictor_versions(self.runner.history_dir(client))])
+
+
+def _version_pb(m: dict, latest: bool) -> pb.PredictorVersion:
+    b, a = m["val_spearman_before"]["all"], m["val_spearman_after"]["all"]
+    shown = {k: v for k, v in m.items() if k not in ("history", "parent", "metadataset", "command")}  # server paths
+    v = pb.PredictorVersion(version=m["version"], parent_version=m.get("parent_version", ""), latest=latest,
+                            promoted=bool(m["promoted"]), history_tasks=int(m.get("history_tasks", 0)),
+                            history_students=int(m.get("history_students", 0)),
+                            created_unix_s=float(m.get("created_unix_s", 0.0)), manifest_json=json.dumps(shown))
+    if b is not None:
+        v.val_spearman_before = b
+    if a is not None:
+        v.val_spearman_after = a
+    return v
