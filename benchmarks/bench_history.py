@@ -4,7 +4,8 @@
 For every meta-test source with several tasks, each of its tasks is held out in turn; the user's history is the
 measured students of the source's other tasks (the meta-dataset's real rows, written as a search history). The
 predictor a search with `--predictor latest` would then use (retrained from the shipped one by
-`dass_ray.offline.retrain`, if it was promoted; else the shipped one) is compared with the shipped predictor on the
+`dass_ray.offline.retrain` with its defaults, if it was promoted -- which needs a held-out task of the history to
+validate on, so a source with two tasks never promotes; else the shipped one) is compared with the shipped predictor on the
 held-out task: Spearman between predicted and measured post-KD accuracy, and KD trials in predicted order until a
 student within 0.5 points of the task's best is measured. Tasks with fewer than 3 measured students, or whose
 students all measured the same accuracy, have no ranking to judge and are skipped (listed in `skipped`).
@@ -69,13 +70,12 @@ def main(argv=None) -> int:
                 acc = held.acc.numpy()
                 with tempfile.TemporaryDirectory(prefix="bench-history-") as d:
                     history_from_metadataset(args.metadataset, others, d)
-                    meta = retrain(d, args.metadataset, args.predictor, space, episodes=args.episodes, lr=args.lr,
-                                   holdout=0.0)
+                    meta = retrain(d, args.metadataset, args.predictor, space, episodes=args.episodes, lr=args.lr)
                     used = latest_predictor(d)
                     model = load_predictor(used, space)[0] if used else shipped
                 row = {"task": held.task_id, "source": source, "students": len(acc),
                        "history_students": int(sum(len(t.acc) for t in ts if t is not held)),
-                       "promoted": meta["promoted"]}
+                       "promoted": meta["promoted"], "promotion": meta["promotion"]}
                 for name, m in (("without", shipped), ("with", model)):
                     p = predict_task(m, held)
                     row[f"spearman_{name}"] = round(float(spearman(p, acc)), 4)

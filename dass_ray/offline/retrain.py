@@ -125,6 +125,26 @@ def _locked(d: Path):
     return f
 
 
+def promotion(before: dict, after: dict) -> tuple[bool, str]:
+    """Whether a new version may become `latest`, and why (mean validation Spearman of the parent, `before`, and of
+    the new version, `after`: on the meta-validation tasks, on the held-out tasks of the history, and on both).
+
+    The user's own domain decides: a version is promoted only when it ranks the held-out tasks of the history at
+    least as well as its parent and is not worse on all validation tasks together. A history with no held-out
+    task to judge (fewer than two tasks with >= 3 measured students) gives no evidence about the user's domain,
+    so nothing is promoted: better on the meta-validation tasks alone is not enough (measured: two versions
+    promoted that way both ranked their user's next MNIST task worse; README, "Learning from every search")."""
+    hb, ha = before["history_held_out"], after["history_held_out"]
+    if ha is None or hb is None:
+        return False, ("no held-out task of the history to validate on (needs two or more tasks with >= 3 measured "
+                       "students); run more searches with --history, then retrain")
+    if ha < hb:
+        return False, f"worse than its parent on the held-out history tasks ({ha:.3f} < {hb:.3f})"
+    if after["all"] is not None and before["all"] is not None and after["all"] < before["all"]:
+        return False, f"worse than its parent on all validation tasks ({after['all']:.3f} < {before['all']:.3f})"
+    return True, f"at least as good as its parent on the held-out history tasks ({ha:.3f} >= {hb:.3f}) and overall"
+
+
 def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, space: SpaceConfig, *,
             episodes: int = 100, lr: float = 2e-4, holdout: float = 0.25, seed: int = 0, workers: int = 1,
             threads: int = 1, command: str = "", events: str | Path | None = None) -> dict:
@@ -167,7 +187,7 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
                   "history_held_out": _mean_spearman(parent_model, hist_val), "all": _mean_spearman(parent_model, val)}
         after = {"meta_val": _mean_spearman(model, meta_val),
                  "history_held_out": _mean_spearman(model, hist_val), "all": _mean_spearman(model, val)}
-        promoted = after["all"] is not None and (before["all"] is None or after["all"] >= before["all"])
+        promoted, why = promotion(before, after)
         meta = {"version": f"v{version}", "parent": str(parent), "parent_version": (parent_blob.get("meta") or {}).get(
                     "version", "shipped"),
                 "command": command, "code_version": code_version(), "wall_s": round(time.time() - t0, 1),
@@ -178,7 +198,8 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
                 "history_train_tasks": [t.task_id for t in hist_train],
                 "history_val_tasks": [t.task_id for t in hist_val],
                 "val_spearman_before": before, "val_spearman_after": after, "best_episode": out["best_episode"],
-                "train_teacher_acc_range": [min(teachers), max(teachers)], "promoted": promoted}
+                "train_teacher_acc_range": [min(teachers), max(teachers)], "promoted": promoted,
+                "promotion": why}
         path = d / f"v{version}.pt"
         save_predictor(path, model, space, meta)
         atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
@@ -197,7 +218,7 @@ def summary(meta: dict) -> str:
     """One line for people: the version, validation before/after, and whether it became latest."""
     b, a = meta["val_spearman_before"]["all"], meta["val_spearman_after"]["all"]
     return (f"{meta['version']}: validation Spearman {_fmt(b)} (parent {meta['parent_version']}) -> {_fmt(a)}; "
-            + ("now latest" if meta["promoted"] else "not made latest (worse than its parent on validation)"))
+            + ("now latest" if meta["promoted"] else f"not made latest: {meta.get('promotion', '')}"))
 
 
 def parser():
