@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="meta learning rate (Adam; default: the scale's)")
     ap.add_argument("--weight-decay", type=float, default=0.0,
                     help="decoupled (AdamW) weight decay on the predictor's weights, not on the step sizes")
+    ap.add_argument("--rank-weight", type=float, default=0.0, help="weight of the pairwise ranking term of the "
+                    "query loss (0: MSE only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default=None)
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     cfg = MetaTrainConfig(episodes=args.episodes or scale.meta_episodes, lr=args.lr or scale.meta_lr,
                           inner_lr=scale.meta_inner_lr, query_size=scale.meta_query_size,
                           eval_every=scale.meta_eval_every, seed=args.seed, use_functional=not args.arch_only,
-                          adapt=not args.arch_only, weight_decay=args.weight_decay)
+                          adapt=not args.arch_only, weight_decay=args.weight_decay, rank_weight=args.rank_weight)
     init_ray(args.address)
     t0 = time.time()
     name = ("arch-only" if args.arch_only else "dass") + f"-s{args.seed}"

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Choose the meta-learning schedule on the meta-validation tasks only: meta-train one predictor per
-(lr, weight decay) setting in a grid (plain PyTorch, `metatrain.train_local`, the same computation as the Ray Train
-path with one worker) and report each one's mean Spearman on the meta-validation tasks (with and without the
-teacher-guided adaptation step). Meta-test tasks are never loaded.
+"""Choose the meta-learning schedule and objective on the meta-validation tasks only: meta-train one predictor per
+(lr, weight decay, ranking-term weight) setting in a grid (plain PyTorch, `metatrain.train_local`, the same
+computation as the Ray Train path with one worker) and report each one's mean Spearman on the meta-validation tasks
+with the teacher-guided adaptation step, with it gated as the search gates it (no step for a teacher outside the
+meta-training teachers' accuracy range), and without it. Meta-test tasks are never loaded.
 
     python scripts/sweep_meta.py --metadataset artifacts/metadataset --lr 5e-4,1e-3,2e-3,4e-3 --weight-decay 0,0.01,0.1 \
-        --output artifacts/metaval_sweep.json
+        [--rank-weight 0,1] --output artifacts/metaval_sweep.json
 
 Settings run in parallel, one process and one torch thread each (`--jobs`, default: the machine's CPUs).
 Last line: one JSON object {"runs": [...], "best": {...}} (best = highest mean validation Spearman with adaptation).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 
 def _one(args: tuple) -> dict:
-    root, scale_name, episodes, lr, wd, seed = args
+    root, scale_name, episodes, lr, wd, rank_weight, seed = args
     import torch
 
     torch.set_num_threads(1)
@@ -34,12 +35,17 @@ def _one(args: tuple) -> dict:
     scale = get_scale(scale_name)
     train, val = load_meta_tasks(root, ("train",)), load_meta_tasks(root, ("val",))
     cfg = MetaTrainConfig(episodes=episodes, lr=lr, weight_decay=wd, inner_lr=scale.meta_inner_lr,
-                          query_size=scale.meta_query_size, eval_every=scale.meta_eval_every, seed=seed)
+                          query_size=scale.meta_query_size, eval_every=scale.meta_eval_every, seed=seed,
+                          rank_weight=rank_weight)
     t0 = time.time()
     model, info = train_local(get_space(scale.space), train, val, cfg)
     ev, ev0 = evaluate(model, val, True), evaluate(model, val, False)
-    return {"lr": lr, "weight_decay": wd, "episodes": episodes, "seed": seed,
+    accs = [t.teacher_acc for t in train]
+    model.teacher_acc_range = (min(accs), max(accs))  # the search's gate: outside it, no adaptation step
+    evg = evaluate(model, val, True)
+    return {"lr": lr, "weight_decay": wd, "rank_weight": rank_weight, "episodes": episodes, "seed": seed,
             "val_spearman": ev["mean_spearman"], "val_spearman_no_adapt": ev0["mean_spearman"],
+            "val_spearman_gated": evg["mean_spearman"],
             "per_task": {k: v["spearman"] for k, v in ev["tasks"].items()},
             "best_episode": info["best_episode"], "wall_s": round(time.time() - t0, 1)}
 
@@ -60,12 +66,16 @@ def main(argv=None) -> int:
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--lr", type=_floats, default=[5e-4], help="comma-separated meta learning rates")
     ap.add_argument("--weight-decay", type=_floats, default=[0.0], help="comma-separated AdamW weight decays")
+    ap.add_argument("--rank-weight", type=_floats, default=[0.0], help="comma-separated weights of the pairwise "
+                    "ranking term of the query loss (0: MSE only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--output", default=None, help="write the runs as JSON here too")
     args = ap.parse_args(argv)
-    if args.episodes < 1 or args.jobs < 1 or any(x <= 0 for x in args.lr) or any(x < 0 for x in args.weight_decay):
-        print("error: --episodes and --jobs must be >= 1, --lr > 0, --weight-decay >= 0", file=sys.stderr)
+    if (args.episodes < 1 or args.jobs < 1 or any(x <= 0 for x in args.lr) or any(x < 0 for x in args.weight_decay)
+            or any(x < 0 for x in args.rank_weight)):
+        print("error: --episodes and --jobs must be >= 1, --lr > 0, --weight-decay and --rank-weight >= 0",
+              file=sys.stderr)
         return 2
     from dass_ray.offline.metadataset import load_meta_tasks
 
@@ -76,16 +86,19 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    grid = [(args.metadataset, args.scale, args.episodes, lr, wd, args.seed) for lr in args.lr for wd in args.weight_decay]
+    grid = [(args.metadataset, args.scale, args.episodes, lr, wd, rw, args.seed) for lr in args.lr
+            for wd in args.weight_decay for rw in args.rank_weight]
     t0 = time.time()
     runs = []
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(grid))) as ex:
         for r in ex.map(_one, grid):
             runs.append(r)
-            print(f"lr {r['lr']:g} wd {r['weight_decay']:g}: val Spearman {r['val_spearman']:.3f} "
-                  f"(no adapt {r['val_spearman_no_adapt']:.3f}), best episode {r['best_episode']}", file=sys.stderr)
+            print(f"lr {r['lr']:g} wd {r['weight_decay']:g} rank {r['rank_weight']:g}: val Spearman "
+                  f"{r['val_spearman']:.3f} (gated {r['val_spearman_gated']:.3f}, no adapt "
+                  f"{r['val_spearman_no_adapt']:.3f}), best episode {r['best_episode']}", file=sys.stderr, flush=True)
     best = max(runs, key=lambda r: r["val_spearman"] if r["val_spearman"] == r["val_spearman"] else -float("inf"))
-    out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "val_spearman", "best_episode")}}
+    out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "rank_weight", "val_spearman",
+                                                        "best_episode")}}
     if args.output:
         from dass_ray.offline.metadataset import code_version, machine
 

@@ -149,3 +149,36 @@ def test_weight_decay_shrinks_weights_and_never_the_step_sizes():
     for n, p in model.step_sizes.named_parameters():
         assert torch.equal(p.detach(), s0[n]), n
     assert type(make_optimizer(model, MetaTrainConfig())) is torch.optim.Adam  # default: plain Adam, no decay
+
+
+def test_pairwise_rank_loss_prefers_the_measured_order():
+    from dass_ray.core.meta import pairwise_rank_loss
+
+    y = torch.tensor([0.50, 0.60, 0.70, 0.80])
+    right, wrong = pairwise_rank_loss(y * 2, y), pairwise_rank_loss(-y, y)
+    assert 0 <= right < 0.002 < wrong  # ordered with margins far above T (0.02): near 0; inverted: large
+    # ties carry no pair; all-equal targets give exactly 0 with a gradient graph
+    p = torch.tensor([0.3, 0.1, 0.2], requires_grad=True)
+    zero = pairwise_rank_loss(p, torch.full((3,), 0.5))
+    zero.backward()
+    assert float(zero) == 0.0 and torch.equal(p.grad, torch.zeros(3))
+    # its gradient moves a misordered pair toward the measured order
+    p = torch.tensor([0.6, 0.5], requires_grad=True)
+    pairwise_rank_loss(p, torch.tensor([0.4, 0.9])).backward()
+    assert p.grad[0] > 0 > p.grad[1]  # descent lowers the worse student's score and raises the better one's
+
+
+def test_rank_term_joins_the_query_loss_only_when_weighted():
+    torch.manual_seed(0)
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
+    q = _batch(6, cfg)
+    sup = teacher_support(q.teacher_map, q.arch[0], 0.9)
+    plain, ranked = m.task_loss(sup, q), m.task_loss(sup, q, rank_weight=1.0)
+    from dass_ray.core.meta import pairwise_rank_loss
+
+    params = m.adapt(sup)
+    extra = pairwise_rank_loss(m.predictor(q, params), q.target)
+    torch.testing.assert_close(ranked, plain + extra)
+    ranked.backward()
+    assert all(p.grad is not None for p in m.predictor.parameters())

@@ -61,6 +61,18 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).mean()
 
 
+def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
+    """Mean logistic loss over the ordered pairs (i, j) with target_i > target_j: softplus(-(pred_i - pred_j) / T),
+    times T so that it is in accuracy units like the MSE (T: accuracy difference, e.g. 0.02 = 2 points, at which a
+    pair counts as clearly ordered). 0 when no two targets differ."""
+    d_t = target.reshape(-1, 1) - target.reshape(1, -1)
+    d_p = pred.reshape(-1, 1) - pred.reshape(1, -1)
+    pairs = d_t > 0
+    if not bool(pairs.any()):
+        return pred.sum() * 0.0
+    return temperature * torch.nn.functional.softplus(-d_p[pairs] / temperature).mean()
+
+
 class MetaSGD(nn.Module):
     """A predictor plus learned per-parameter inner step sizes (initialised at `inner_lr`).
 
@@ -114,11 +126,18 @@ class MetaSGD(nn.Module):
         return params
 
     def task_loss(
-        self, support: PredictorBatch, query: PredictorBatch, first_order: bool = False, adapt: bool = True
+        self, support: PredictorBatch, query: PredictorBatch, first_order: bool = False, adapt: bool = True,
+        rank_weight: float = 0.0, rank_temperature: float = 0.02,
     ) -> torch.Tensor:
-        """Query MSE after adapting on the support set (the meta-objective of one task)."""
+        """Query MSE after adapting on the support set (the meta-objective of one task), plus `rank_weight` times
+        a pairwise ranking loss (`pairwise_rank_loss`): the MSE keeps the values on the accuracy scale, the
+        ranking term spends the predictor's capacity on the order within the task, which is what a search uses."""
         params = self.adapt(support, first_order=first_order) if adapt else None
-        return mse(self.predictor(query, params), query.target)
+        pred = self.predictor(query, params)
+        loss = mse(pred, query.target)
+        if rank_weight:
+            loss = loss + rank_weight * pairwise_rank_loss(pred, query.target, rank_temperature)
+        return loss
 
     @torch.no_grad()
     def predict(self, support: PredictorBatch | None, query: PredictorBatch, batch_size: int = 4096,

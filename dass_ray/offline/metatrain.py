@@ -31,14 +31,23 @@ def task_batches(t: MetaTask, idx=None) -> tuple[PredictorBatch, PredictorBatch]
 
 
 def episode_loss_sum(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int], episode: int, seed: int,
-                     query_size: int, adapt: bool = True, first_order: bool = False) -> torch.Tensor:
+                     query_size: int, adapt: bool = True, first_order: bool = False, rank_weight: float = 0.0,
+                     rank_temperature: float = 0.02) -> torch.Tensor:
     """Sum of query losses over `task_ids` (indices into `tasks`); divide by the total task count for the mean."""
     total = torch.zeros(())
     for i in task_ids:
         t = tasks[i]
         s, q = task_batches(t, query_indices(len(t.acc), query_size, seed, episode, i))
-        total = total + model.task_loss(s, q, first_order=first_order, adapt=adapt)
+        total = total + model.task_loss(s, q, first_order=first_order, adapt=adapt, rank_weight=rank_weight,
+                                        rank_temperature=rank_temperature)
     return total
+
+
+def episode_loss(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int], episode: int,
+                 cfg: "MetaTrainConfig") -> torch.Tensor:
+    """`episode_loss_sum` with the configuration's objective."""
+    return episode_loss_sum(model, tasks, task_ids, episode, cfg.seed, cfg.query_size, cfg.adapt, cfg.first_order,
+                            cfg.rank_weight, cfg.rank_temperature)
 
 
 @torch.no_grad()
@@ -70,6 +79,8 @@ class MetaTrainConfig:
     adapt: bool = True  # False: no inner step (ablation / arch-only baseline trained plainly)
     first_order: bool = False
     weight_decay: float = 0.0  # decoupled (AdamW) on the predictor's weights; never on the learned step sizes
+    rank_weight: float = 0.0  # weight of the pairwise ranking term of the query loss (core.meta.pairwise_rank_loss)
+    rank_temperature: float = 0.02  # its temperature, in accuracy units
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -92,7 +103,7 @@ def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], 
     best = (-float("inf"), None, -1)
     ids = list(range(len(train)))
     for ep in range(cfg.episodes):
-        loss = episode_loss_sum(model, train, ids, ep, cfg.seed, cfg.query_size, cfg.adapt, cfg.first_order) / len(ids)
+        loss = episode_loss(model, train, ids, ep, cfg) / len(ids)
         opt.zero_grad()
         loss.backward()
         opt.step()

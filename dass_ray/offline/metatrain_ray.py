@@ -18,7 +18,7 @@ import torch
 
 from dass_ray.fileutil import resolve_storage
 from dass_ray.offline.metadataset import MetaTask
-from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss_sum, evaluate, make_optimizer
+from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss, evaluate, make_optimizer
 from dass_ray.core.meta import make_model
 from dass_ray.search.resources import scaling_config_kwargs
 from dass_ray.core.space import SpaceConfig
@@ -51,7 +51,7 @@ def _loop(config: dict) -> None:
     dist_on = world > 1 and dist.is_available() and dist.is_initialized()
     t0 = time.perf_counter()
     for ep in range(start, cfg.episodes):
-        loss = episode_loss_sum(model, train, mine, ep, cfg.seed, cfg.query_size, cfg.adapt, cfg.first_order)
+        loss = episode_loss(model, train, mine, ep, cfg)
         opt.zero_grad()
         (loss / len(train)).backward() if mine else None
         params = list(model.parameters())

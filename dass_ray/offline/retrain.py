@@ -163,7 +163,10 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
     lock = _locked(d)
     try:
         version = _next_version(d)
-        cfg = MetaTrainConfig(episodes=episodes, lr=lr, eval_every=max(1, episodes // 10), seed=seed)
+        pcfg = (parent_blob.get("meta") or {}).get("config") or {}  # the parent's objective carries over
+        cfg = MetaTrainConfig(episodes=episodes, lr=lr, eval_every=max(1, episodes // 10), seed=seed,
+                              rank_weight=float(pcfg.get("rank_weight", 0.0)),
+                              rank_temperature=float(pcfg.get("rank_temperature", 0.02)))
         name = _run_name(version, parent, cfg)
         n_hist = sum(len(t.acc) for t in hist)
         emit("load", 1, 1, f"v{version}: {len(hist)} history tasks ({n_hist} students; {len(hist_train)} train, "
