@@ -3,7 +3,8 @@
 (lr, weight decay, ranking-term weight) setting in a grid (plain PyTorch, `metatrain.train_local`, the same
 computation as the Ray Train path with one worker) and report each one's mean Spearman on the meta-validation tasks
 with the teacher-guided adaptation step, with it gated as the search gates it (no step for a teacher outside the
-meta-training teachers' accuracy range), and without it. Meta-test tasks are never loaded.
+meta-training teachers' accuracy range), with the step's teacher residual clipped (a trust region, `CLIPS`), and
+without it. Meta-test tasks are never loaded.
 
     python scripts/sweep_meta.py --metadataset artifacts/metadataset --lr 5e-4,1e-3,2e-3,4e-3 --weight-decay 0,0.01,0.1 \
         [--rank-weight 0,1] --output artifacts/metaval_sweep.json
@@ -20,6 +21,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+
+CLIPS = (0.05, 0.1, 0.2)  # trust-region radii evaluated for every trained predictor (accuracy units)
 
 
 def _one(args: tuple) -> dict:
@@ -40,12 +44,24 @@ def _one(args: tuple) -> dict:
     t0 = time.time()
     model, info = train_local(get_space(scale.space), train, val, cfg)
     ev, ev0 = evaluate(model, val, True), evaluate(model, val, False)
+    clipped = {}
+    for c in CLIPS:  # the trust-region alternative to the gate: the teacher's residual clipped to +-c
+        model.inner_clip = c
+        clipped[str(c)] = evaluate(model, val, True)
+    model.inner_clip = None
     accs = [t.teacher_acc for t in train]
     model.teacher_acc_range = (min(accs), max(accs))  # the search's gate: outside it, no adaptation step
     evg = evaluate(model, val, True)
     return {"lr": lr, "weight_decay": wd, "rank_weight": rank_weight, "episodes": episodes, "seed": seed,
             "val_spearman": ev["mean_spearman"], "val_spearman_no_adapt": ev0["mean_spearman"],
             "val_spearman_gated": evg["mean_spearman"],
+            "val_spearman_clipped": {c: e["mean_spearman"] for c, e in clipped.items()},
+            "per_task_by_method": {"step": {k: v["spearman"] for k, v in ev["tasks"].items()},
+                                   "gated": {k: v["spearman"] for k, v in evg["tasks"].items()},
+                                   "none": {k: v["spearman"] for k, v in ev0["tasks"].items()},
+                                   **{f"clip{c}": {k: v["spearman"] for k, v in e["tasks"].items()}
+                                      for c, e in clipped.items()}},
+            "val_teacher_acc": {t.task_id: round(t.teacher_acc, 3) for t in val},
             "per_task": {k: v["spearman"] for k, v in ev["tasks"].items()},
             "best_episode": info["best_episode"], "wall_s": round(time.time() - t0, 1)}
 
@@ -93,8 +109,9 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(grid))) as ex:
         for r in ex.map(_one, grid):
             runs.append(r)
+            clip = ", ".join(f"clip {c} {v:.3f}" for c, v in r["val_spearman_clipped"].items())
             print(f"lr {r['lr']:g} wd {r['weight_decay']:g} rank {r['rank_weight']:g}: val Spearman "
-                  f"{r['val_spearman']:.3f} (gated {r['val_spearman_gated']:.3f}, no adapt "
+                  f"{r['val_spearman']:.3f} (gated {r['val_spearman_gated']:.3f}, {clip}, no adapt "
                   f"{r['val_spearman_no_adapt']:.3f}), best episode {r['best_episode']}", file=sys.stderr, flush=True)
     best = max(runs, key=lambda r: r["val_spearman"] if r["val_spearman"] == r["val_spearman"] else -float("inf"))
     out = {"runs": runs, "best": {k: best[k] for k in ("lr", "weight_decay", "rank_weight", "val_spearman",

@@ -207,12 +207,16 @@ def test_schedule_sweep_uses_meta_validation_only(built, tmp_path):
     res = tmp_path / "sweep.json"
     script = str(Path(__file__).resolve().parent.parent / "scripts" / "sweep_meta.py")
     p = subprocess.run([sys.executable, script, "--metadataset", str(out), "--scale", "tiny",
-                        "--episodes", "2", "--lr", "1e-3,2e-3", "--weight-decay", "0", "--jobs", "2",
-                        "--output", str(res)], capture_output=True, text=True, timeout=300)
+                        "--episodes", "2", "--lr", "1e-3,2e-3", "--weight-decay", "0", "--rank-weight", "0,1",
+                        "--jobs", "2", "--output", str(res)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     last = json.loads(p.stdout.strip().splitlines()[-1])
-    assert [r["lr"] for r in last["runs"]] == [1e-3, 2e-3]
-    assert all(set(r["per_task"]) == {t.task_id for t in load_meta_tasks(out, ("val",))} for r in last["runs"])
+    assert [(r["lr"], r["rank_weight"]) for r in last["runs"]] == [(1e-3, 0), (1e-3, 1), (2e-3, 0), (2e-3, 1)]
+    val_ids = {t.task_id for t in load_meta_tasks(out, ("val",))}
+    assert all(set(r["per_task"]) == val_ids for r in last["runs"])
+    for r in last["runs"]:  # every adaptation variant is judged on the validation tasks only
+        assert set(r["per_task_by_method"]) == {"step", "gated", "none", "clip0.05", "clip0.1", "clip0.2"}
+        assert all(set(v) == val_ids for v in r["per_task_by_method"].values())
     finite = [r["val_spearman"] for r in last["runs"] if r["val_spearman"] == r["val_spearman"]]
     assert last["best"]["lr"] in (1e-3, 2e-3)
     if finite:

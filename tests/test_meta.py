@@ -182,3 +182,26 @@ def test_rank_term_joins_the_query_loss_only_when_weighted():
     torch.testing.assert_close(ranked, plain + extra)
     ranked.backward()
     assert all(p.grad is not None for p in m.predictor.parameters())
+
+
+def test_clipped_step_is_the_step_toward_a_target_at_most_clip_away():
+    torch.manual_seed(0)
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
+    b = _batch(1, cfg)
+    pred = float(m.predictor(teacher_support(b.teacher_map, b.arch[0], 0.0)))
+    far = teacher_support(b.teacher_map, b.arch[0], pred + 5.0)  # a teacher far from anything seen
+    near = teacher_support(b.teacher_map, b.arch[0], pred + 0.1)  # the same teacher at the clip distance
+    m.inner_clip = 0.1
+    clipped = m.adapt(far)
+    m.inner_clip = None
+    plain_near, plain_far = m.adapt(near), m.adapt(far)
+    for k in clipped:
+        torch.testing.assert_close(clipped[k], plain_near[k])
+    assert any(not torch.allclose(clipped[k], plain_far[k]) for k in clipped)
+    m.inner_clip = 0.1  # within the clip the step is the plain one
+    inside = teacher_support(b.teacher_map, b.arch[0], pred + 0.05)
+    a = m.adapt(inside)
+    m.inner_clip = None
+    for k, v in m.adapt(inside).items():
+        torch.testing.assert_close(a[k], v)

@@ -9,6 +9,7 @@ treated as a constant (no second-order term), but the step sizes still receive g
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,6 +62,12 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred - target) ** 2).mean()
 
 
+def clipped_mse(pred: torch.Tensor, target: torch.Tensor, clip: float) -> torch.Tensor:
+    """The MSE with each residual's gradient clipped to +-2*clip (twice the Huber loss with delta `clip`): equal to
+    `mse` while |pred - target| <= clip."""
+    return 2.0 * torch.nn.functional.huber_loss(pred, target, delta=clip, reduction="mean")
+
+
 def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
     """Mean logistic loss over the ordered pairs (i, j) with target_i > target_j: softplus(-(pred_i - pred_j) / T),
     times T so that it is in accuracy units like the MSE (T: accuracy difference, e.g. 0.02 = 2 points, at which a
@@ -86,6 +93,10 @@ class MetaSGD(nn.Module):
         self.predictor = predictor
         self.inner_steps = inner_steps
         self.teacher_acc_range: tuple[float, float] | None = None
+        # A trust region for the teacher-guided step: the teacher's residual (prediction - accuracy) enters the
+        # step clipped to +-inner_clip (a Huber inner loss), so a teacher far from every meta-training one moves the
+        # parameters no further than one at that distance. None: the plain MSE step.
+        self.inner_clip: float | None = None
         self.step_sizes = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in predictor.named_parameters()}
         )
@@ -120,6 +131,8 @@ class MetaSGD(nn.Module):
             out[self.predictor.output_bias_name] = params[self.predictor.output_bias_name] + shift
             return out
         steps = self.steps()
+        if self.inner_clip is not None and len(support) == 1 and loss_fn is mse:
+            loss_fn = partial(clipped_mse, clip=self.inner_clip)
         for _ in range(self.inner_steps):
             loss = loss_fn(self.predictor(support, params), support.target)
             params = inner_update(loss, params, steps, first_order=first_order)
@@ -232,4 +245,7 @@ def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[
     rng = (blob.get("meta") or {}).get("train_teacher_acc_range")
     if rng is not None:
         model.teacher_acc_range = (float(rng[0]), float(rng[1]))
+    clip = (blob.get("meta") or {}).get("inner_clip")
+    if clip is not None:
+        model.inner_clip = float(clip)
     return model.eval(), blob
