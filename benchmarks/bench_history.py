@@ -13,7 +13,9 @@ students all measured the same accuracy, have no ranking to judge and are skippe
     python benchmarks/bench_history.py [--episodes 100]
 
 Last line: one JSON object with tasks, spearman_without, spearman_with, trials_without, trials_with (means over
-the held-out tasks) and the per-task figures.
+the held-out tasks; "with" is the predictor the search would use: the retrained version if promoted, else the
+shipped one), spearman_retrained / trials_retrained (the retrained version whether promoted or not), promoted (how
+many were) and the per-task figures.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     from dass_ray.offline.metadataset import load_meta_tasks
     from dass_ray.offline.metatrain import predict_task
     from dass_ray.offline.retrain import history_from_metadataset, retrain
-    from dass_ray.search.history import latest_predictor
+    from dass_ray.search.history import latest_predictor, versions_dir
     from dass_ray.search.rayutil import init_ray
 
     space = get_space("cpu")
@@ -73,10 +75,12 @@ def main(argv=None) -> int:
                     meta = retrain(d, args.metadataset, args.predictor, space, episodes=args.episodes, lr=args.lr)
                     used = latest_predictor(d)
                     model = load_predictor(used, space)[0] if used else shipped
+                    # the version itself, promoted or not: what the retrain learned, shown beside what is used
+                    version = load_predictor(versions_dir(d) / f"{meta['version']}.pt", space)[0]
                 row = {"task": held.task_id, "source": source, "students": len(acc),
                        "history_students": int(sum(len(t.acc) for t in ts if t is not held)),
                        "promoted": meta["promoted"], "promotion": meta["promotion"]}
-                for name, m in (("without", shipped), ("with", model)):
+                for name, m in (("without", shipped), ("with", model), ("retrained", version)):
                     p = predict_task(m, held)
                     row[f"spearman_{name}"] = round(float(spearman(p, acc)), 4)
                     row[f"trials_{name}"] = trials_needed(list(np.argsort(-p, kind="mergesort")), acc)
@@ -89,7 +93,9 @@ def main(argv=None) -> int:
     mean = (lambda k: round(float(np.mean([r[k] for r in rows])), 4) if rows else None)
     print(json.dumps({"tasks": len(rows), "spearman_without": mean("spearman_without"),
                       "spearman_with": mean("spearman_with"), "trials_without": mean("trials_without"),
-                      "trials_with": mean("trials_with"), "skipped": skipped, "episodes": args.episodes, "wall_s": round(time.time() - t0, 1),
+                      "trials_with": mean("trials_with"), "spearman_retrained": mean("spearman_retrained"),
+                      "trials_retrained": mean("trials_retrained"), "promoted": sum(r["promoted"] for r in rows),
+                      "skipped": skipped, "episodes": args.episodes, "wall_s": round(time.time() - t0, 1),
                       "per_task": rows}))
     return 0
 

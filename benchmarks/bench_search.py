@@ -3,8 +3,8 @@
 found a student within 0.5 accuracy points of the pool's best.
 
 Strategies: `default`, exactly what scripts/search.py does with default options (its SearchConfig defaults: the
-predicted order of the shipped predictor after its gated teacher-guided step, or re-adaptation if that were the
-default); DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
+predicted order of the shipped predictor after its own teacher-guided adaptation -- the checkpoint's `adaptation`:
+gate, step, clip or none -- or re-adaptation if that were the default); DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
 plus the students measured so far and re-rank the rest); random order (mean over 200 permutations); Optuna TPE
 through Ray Tune (per-stage depth and width-multiplier parameters, mapped to the nearest pool member by encoding,
 never proposing a pool member twice). A "trial" looks up the pool's recorded KD accuracy.

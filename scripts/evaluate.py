@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate student-ranking methods on the meta-test tasks of a meta-dataset.
 
-Methods: DaSS (teacher-guided adaptation), DaSS without the adaptation step, an architecture-only meta-predictor
+Methods: DaSS (the predictor's own teacher-guided adaptation, what the search does), DaSS with each other
+adaptation (`dass_step`, `dass_gate`, `dass_clip`, `dass_none`: no step), an architecture-only meta-predictor
 trained on the same meta-dataset (no functional embeddings: the non-distillation-aware baseline), FLOPs, parameter
 count, SynFlow and NASWOT computed on the remapped students, and random order (mean over 200 draws).
 Metrics per task: Spearman (with a 95% bootstrap interval over students), Kendall tau-b, top-1 / top-5 regret
@@ -98,13 +99,21 @@ def main(argv=None) -> int:
             arch_only, _ = train_local(space, train_tasks, val_tasks, cfg)
     specs = {t.task_id: t for t in load_tasks(root / "tasks.json")}
     store = MetaDatasetStore(root)
+    from dass_ray.core.meta import ADAPTATIONS
+
+    default_mode = dass.adaptation
     results, ceilings, scored, mae, meta = {}, {}, [], {}, {}
     for k, t in enumerate(tasks):
         acc = t.acc.numpy()
-        # dass: what the search does by default (teacher-guided step, skipped for a teacher outside the
-        # meta-training teachers' accuracy range); dass_ungated: the step always taken; dass_no_adapt: never
-        s = {"dass": predict_task(dass, t, adapt=True), "dass_ungated": predict_task(dass, t, adapt=True, gate=False),
-             "dass_no_adapt": predict_task(dass, t, adapt=False)}
+        # dass: what the search does by default (the checkpoint's own adaptation); dass_<mode>: the same predictor
+        # with each other adaptation of ADAPTATIONS (step: always; gate: skipped outside the meta-training teachers'
+        # accuracy range; clip: the trust region; none: the output bias only, i.e. the unadapted ranking)
+        s = {"dass": predict_task(dass, t, adapt=True)}
+        for mode in ADAPTATIONS:
+            if mode != default_mode:
+                dass.adaptation = mode
+                s[f"dass_{mode}"] = predict_task(dass, t, adapt=True)
+                dass.adaptation = default_mode
         mae[t.task_id] = {m: float(100 * np.mean(np.abs(v - acc))) for m, v in s.items()}
         if arch_only is not None:
             s["arch_only"] = predict_task(arch_only, t, adapt=False)
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label))
     _plot(out / "eval.png", results, ceilings, mean, boot, methods)
-    summary = {"default_method": "dass", "label": args.label,
+    summary = {"default_method": "dass", "adaptation": default_mode, "label": args.label,
                "tasks": {t: {m: {k: v[k] for k in ("spearman", "spearman_ci", "kendall", "top1_regret", "top5_regret")
                                  if k in v} for m, v in per.items()} for t, per in results.items()},
                "task_info": meta, "mean_spearman": mean, "mean_spearman_ci": boot["mean"],

@@ -29,18 +29,28 @@ def main(argv=None) -> int:
                     help="decoupled (AdamW) weight decay on the predictor's weights, not on the step sizes")
     ap.add_argument("--rank-weight", type=float, default=0.0, help="weight of the pairwise ranking term of the "
                     "query loss (0: MSE only)")
+    ap.add_argument("--adaptation", default="gate", choices=["gate", "step", "clip", "none"],
+                    help="how a search adapts the predictor to its teacher (stored in the checkpoint; "
+                         "dass_ray.core.meta.ADAPTATIONS): gate = the step, skipped for a teacher outside the "
+                         "meta-training teachers' accuracy range; step = always; clip = the step with the teacher's "
+                         "residual clipped to +-INNER_CLIP; none = the output bias only (default: %(default)s, "
+                         "chosen on meta-validation with scripts/sweep_meta.py)")
+    ap.add_argument("--inner-clip", type=float, default=0.1, help="trust-region radius of --adaptation clip "
+                    "(accuracy units)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default=None)
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
     args = ap.parse_args(argv)
+    if not args.inner_clip > 0:
+        ap.error(f"--inner-clip must be > 0 (accuracy units), got {args.inner_clip}")
 
     from dass_ray.core.config import get_scale
     from dass_ray.offline.metadataset import code_version, load_meta_tasks, machine
-    from dass_ray.offline.metatrain import MetaTrainConfig, evaluate
-    from dass_ray.core.meta import make_model, save_predictor
+    from dass_ray.offline.metatrain import MetaTrainConfig, evaluate, new_model
+    from dass_ray.core.meta import save_predictor
     from dass_ray.offline.metatrain_ray import meta_train
     from dass_ray.search.rayutil import init_ray
-    from dass_ray.core.space import SpaceConfig, get_space
+    from dass_ray.core.space import get_space
 
     scale = get_scale(args.scale)
     try:
@@ -56,14 +66,22 @@ def main(argv=None) -> int:
     cfg = MetaTrainConfig(episodes=args.episodes or scale.meta_episodes, lr=args.lr or scale.meta_lr,
                           inner_lr=scale.meta_inner_lr, query_size=scale.meta_query_size,
                           eval_every=scale.meta_eval_every, seed=args.seed, use_functional=not args.arch_only,
-                          adapt=not args.arch_only, weight_decay=args.weight_decay, rank_weight=args.rank_weight)
+                          adapt=not args.arch_only, weight_decay=args.weight_decay, rank_weight=args.rank_weight,
+                          adaptation=args.adaptation if not args.arch_only else "step", inner_clip=args.inner_clip)
     init_ray(args.address)
     t0 = time.time()
     name = ("arch-only" if args.arch_only else "dass") + f"-s{args.seed}"
+    def progress(m: dict) -> None:  # one line per evaluation: a long run shows where it is
+        print(f"[meta-train] episode {m.get('episode')}/{m.get('episodes')} loss {m.get('loss', float('nan')):.5f} "
+              f"val Spearman {m.get('val_spearman', float('nan')):.3f} (best {m.get('best_val_spearman', float('nan')):.3f}"
+              f" at episode {m.get('best_episode')}) {m.get('wall_s', 0):.0f}s", file=sys.stderr, flush=True)
+
+    print(f"[meta-train] {len(train)} training tasks, {len(val)} validation tasks, {cfg.episodes} episodes, "
+          f"adaptation {cfg.adaptation}", file=sys.stderr, flush=True)
     out = meta_train(space, train, val, cfg, num_workers=args.workers, threads=args.threads,
-                     storage=args.storage or str(Path(args.metadataset) / "ray_meta"), name=name)
+                     storage=args.storage or str(Path(args.metadataset) / "ray_meta"), name=name, progress=progress)
     wall = time.time() - t0
-    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    model = new_model(space, cfg, train)
     model.load_state_dict(out["best"])
     ev = evaluate(model, val, cfg.adapt)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
@@ -71,6 +89,7 @@ def main(argv=None) -> int:
             "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
             "students_per_train_task": {t.task_id: len(t.acc) for t in train},
             "train_teacher_acc_range": [min(t.teacher_acc for t in train), max(t.teacher_acc for t in train)],
+            "adaptation": cfg.adaptation, **({"inner_clip": cfg.inner_clip} if cfg.adaptation == "clip" else {}),
             "best_episode": out["best_episode"], "val_spearman": ev["tasks"],
             "mean_val_spearman": ev["mean_spearman"], "metadataset": str(args.metadataset)}
     save_predictor(args.output, model, space, meta)

@@ -43,14 +43,16 @@ def _one(args: tuple) -> dict:
                           rank_weight=rank_weight)
     t0 = time.time()
     model, info = train_local(get_space(scale.space), train, val, cfg)
-    ev, ev0 = evaluate(model, val, True), evaluate(model, val, False)
+    model.adaptation = "step"
+    ev = evaluate(model, val, True)
     clipped = {}
     for c in CLIPS:  # the trust-region alternative to the gate: the teacher's residual clipped to +-c
-        model.inner_clip = c
+        model.adaptation, model.inner_clip = "clip", c
         clipped[str(c)] = evaluate(model, val, True)
-    model.inner_clip = None
+    model.adaptation = "none"  # the ranking without a step (scores shifted to the teacher's accuracy)
+    ev0 = evaluate(model, val, True)
     accs = [t.teacher_acc for t in train]
-    model.teacher_acc_range = (min(accs), max(accs))  # the search's gate: outside it, no adaptation step
+    model.adaptation, model.teacher_acc_range = "gate", (min(accs), max(accs))  # outside the range: no step
     evg = evaluate(model, val, True)
     return {"lr": lr, "weight_decay": wd, "rank_weight": rank_weight, "episodes": episodes, "seed": seed,
             "val_spearman": ev["mean_spearman"], "val_spearman_no_adapt": ev0["mean_spearman"],

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from dass_ray.core.meta import MetaSGD, inner_update, kendall, spearman, teacher_support
+from dass_ray.core.meta import (MetaSGD, inner_update, kendall, load_predictor, make_model, save_predictor, spearman,
+                             teacher_support)
+from dass_ray.core.space import get_space
 from dass_ray.core.predictor import Predictor, PredictorBatch, PredictorConfig, num_parameters
 
 
@@ -192,16 +194,68 @@ def test_clipped_step_is_the_step_toward_a_target_at_most_clip_away():
     pred = float(m.predictor(teacher_support(b.teacher_map, b.arch[0], 0.0)))
     far = teacher_support(b.teacher_map, b.arch[0], pred + 5.0)  # a teacher far from anything seen
     near = teacher_support(b.teacher_map, b.arch[0], pred + 0.1)  # the same teacher at the clip distance
-    m.inner_clip = 0.1
+    m.adaptation, m.inner_clip = "clip", 0.1
     clipped = m.adapt(far)
-    m.inner_clip = None
+    assert not m.gated(far)
+    m.adaptation = "step"
     plain_near, plain_far = m.adapt(near), m.adapt(far)
     for k in clipped:
         torch.testing.assert_close(clipped[k], plain_near[k])
     assert any(not torch.allclose(clipped[k], plain_far[k]) for k in clipped)
-    m.inner_clip = 0.1  # within the clip the step is the plain one
+    m.adaptation = "clip"  # within the clip the step is the plain one; gate=False is the plain step always
     inside = teacher_support(b.teacher_map, b.arch[0], pred + 0.05)
     a = m.adapt(inside)
-    m.inner_clip = None
+    for k, v in m.adapt(far, gate=False).items():
+        torch.testing.assert_close(plain_far[k], v)
+    m.adaptation = "step"
     for k, v in m.adapt(inside).items():
         torch.testing.assert_close(a[k], v)
+
+
+def test_adaptation_none_moves_only_the_output_bias_and_is_read_from_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    space = get_space("cpu")
+    m = make_model(space, use_functional=True, inner_lr=0.05, seed=0)
+    cfg = m.predictor.cfg
+    b = _batch(6, cfg)
+    t = teacher_support(b.teacher_map, b.arch[0], 0.9)
+    none = m.predict(None, b)
+    m.adaptation = "none"
+    assert m.gated(t)
+    shifted = m.predict(t, b)
+    assert torch.equal(torch.argsort(shifted), torch.argsort(none))
+    assert float(m.predictor(t, m.adapt(t))) == pytest.approx(0.9, abs=1e-5)
+    for mode, clip in (("none", None), ("clip", 0.05), ("step", None)):
+        path = tmp_path / f"{mode}.pt"
+        save_predictor(path, m, space, {"adaptation": mode, **({"inner_clip": clip} if clip else {})})
+        loaded, _ = load_predictor(path, space)
+        assert loaded.adaptation == mode and (clip is None or loaded.inner_clip == clip)
+    save_predictor(tmp_path / "old.pt", m, space, {})  # checkpoints from before the option: the gate
+    assert load_predictor(tmp_path / "old.pt", space)[0].adaptation == "gate"
+    save_predictor(tmp_path / "bad.pt", m, space, {"adaptation": "sometimes"})
+    with pytest.raises(ValueError, match="meta.adaptation 'sometimes'"):
+        load_predictor(tmp_path / "bad.pt", space)
+
+
+def test_a_task_without_a_ranking_is_left_out_of_the_validation_mean():
+    from dass_ray.offline.metadataset import MetaTask
+    from dass_ray.offline.metatrain import evaluate, predict_task
+
+    space = get_space("cpu")
+    m = make_model(space, use_functional=True, seed=0)
+    g = torch.Generator().manual_seed(0)
+
+    def task(tid, acc):
+        n = len(acc)
+        return MetaTask(tid, "val", "src", 0.5, torch.randn(1, space.feature_channels, 4, 4, generator=g),
+                        torch.randn(space.encoding_size, generator=g),
+                        torch.randn(n, space.feature_channels, 4, 4, generator=g),
+                        torch.randn(n, space.encoding_size, generator=g), torch.tensor(acc), np.zeros(n),
+                        np.zeros(n), [])
+
+    ranked = task("ranked", [0.1, 0.4, 0.2, 0.3, 0.5])
+    flat = task("flat", [0.25] * 5)  # e.g. a teacher at chance: every student at chance too
+    ev = evaluate(m, [ranked, flat])
+    assert np.isnan(ev["tasks"]["flat"]["spearman"]) and ev["tasks_judged"] == 1
+    assert ev["mean_spearman"] == pytest.approx(spearman(predict_task(m, ranked), ranked.acc.numpy()))
+    assert np.isnan(evaluate(m, [flat])["mean_spearman"])

@@ -270,3 +270,6 @@ def test_teacher_outside_the_meta_training_range_is_warned_about():
     assert w is not None and "0.160" in w and "0.57-0.98" in w and "--readapt" in w
     assert teacher_range_warning(0.99, meta) is not None
     assert teacher_range_warning(0.16, {}) is None  # an older checkpoint without the range: nothing to compare
+    assert teacher_range_warning(0.16, {**meta, "adaptation": "none"}) is None  # never a step: nothing to warn of
+    w = teacher_range_warning(0.16, {**meta, "adaptation": "clip"})
+    assert w is not None and "takes the teacher-guided step anyway" in w

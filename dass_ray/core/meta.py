@@ -80,23 +80,35 @@ def pairwise_rank_loss(pred: torch.Tensor, target: torch.Tensor, temperature: fl
     return temperature * torch.nn.functional.softplus(-d_p[pairs] / temperature).mean()
 
 
+# How a lone teacher adapts the predictor (`MetaSGD.adaptation`; chosen on meta-validation tasks, stored in the
+# checkpoint's meta as "adaptation"):
+#   gate: the meta-learned step, skipped for a teacher outside `teacher_acc_range` (output bias moved only);
+#   step: the meta-learned step always;
+#   clip: the step with the teacher's residual clipped to +-`inner_clip` (a trust region);
+#   none: never a step: the output bias alone moves so the teacher is predicted at its accuracy (ranking unadapted).
+ADAPTATIONS = ("gate", "step", "clip", "none")
+
+
 class MetaSGD(nn.Module):
     """A predictor plus learned per-parameter inner step sizes (initialised at `inner_lr`).
 
-    `teacher_acc_range` (set from the checkpoint: the accuracies of the meta-training teachers) gates the
-    teacher-guided step: a teacher outside that range is a support example unlike any the step was meta-learned
-    on, and one step on it can invert the ranking (Omniglot's 0.16 teacher did), so such a teacher is scored
-    without adaptation. Supports of more than the teacher (re-adaptation on measured students) are never gated."""
+    `adaptation` (see ADAPTATIONS) says how a lone teacher adapts it. With "gate" (the default, and what older
+    checkpoints get), `teacher_acc_range` (set from the checkpoint: the accuracies of the meta-training teachers)
+    gates the teacher-guided step: a teacher outside that range is a support example unlike any the step was
+    meta-learned on, and one step on it can invert the ranking (Omniglot's 0.16 teacher did), so such a teacher is
+    scored without adaptation. Supports of more than the teacher (re-adaptation on measured students) are never
+    gated or clipped."""
 
     def __init__(self, predictor: Predictor, inner_lr: float = 0.005, inner_steps: int = 1):
         super().__init__()
         self.predictor = predictor
         self.inner_steps = inner_steps
+        self.adaptation = "gate"
         self.teacher_acc_range: tuple[float, float] | None = None
-        # A trust region for the teacher-guided step: the teacher's residual (prediction - accuracy) enters the
-        # step clipped to +-inner_clip (a Huber inner loss), so a teacher far from every meta-training one moves the
-        # parameters no further than one at that distance. None: the plain MSE step.
-        self.inner_clip: float | None = None
+        # The trust region of adaptation "clip": the teacher's residual (prediction - accuracy) enters the step
+        # clipped to +-inner_clip (a Huber inner loss), so a teacher far from every meta-training one moves the
+        # parameters no further than one at that distance.
+        self.inner_clip: float = 0.1
         self.step_sizes = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(p, inner_lr)) for n, p in predictor.named_parameters()}
         )
@@ -105,8 +117,13 @@ class MetaSGD(nn.Module):
         return {n: self.step_sizes[_key(n)] for n, _ in self.predictor.named_parameters()}
 
     def gated(self, support: PredictorBatch) -> bool:
-        """True when `support` is a lone teacher whose accuracy lies outside `teacher_acc_range`."""
-        if self.teacher_acc_range is None or len(support) != 1 or support.target is None:
+        """True when `support` is a lone teacher that gets no step: always with adaptation "none", and with "gate"
+        when its accuracy lies outside `teacher_acc_range`."""
+        if len(support) != 1 or support.target is None:
+            return False
+        if self.adaptation == "none":
+            return True
+        if self.adaptation != "gate" or self.teacher_acc_range is None:
             return False
         lo, hi = self.teacher_acc_range
         return not lo <= float(support.target[0]) <= hi
@@ -120,7 +137,7 @@ class MetaSGD(nn.Module):
         gate: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Adapted parameters after `inner_steps` steps on `support` (the teacher alone by default). When `gate`
-        and the teacher is outside `teacher_acc_range`: the unadapted parameters with only the output bias moved so
+        and the teacher gets no step (`gated`): the unadapted parameters with only the output bias moved so
         that the teacher's prediction equals its accuracy -- every score shifts by one constant, so the ranking is
         exactly the unadapted predictor's, and the values stay on the accuracy scale."""
         params = params if params is not None else self.predictor.named_params()
@@ -131,7 +148,7 @@ class MetaSGD(nn.Module):
             out[self.predictor.output_bias_name] = params[self.predictor.output_bias_name] + shift
             return out
         steps = self.steps()
-        if self.inner_clip is not None and len(support) == 1 and loss_fn is mse:
+        if self.adaptation == "clip" and gate and len(support) == 1 and loss_fn is mse:
             loss_fn = partial(clipped_mse, clip=self.inner_clip)
         for _ in range(self.inner_steps):
             loss = loss_fn(self.predictor(support, params), support.target)
@@ -145,7 +162,8 @@ class MetaSGD(nn.Module):
         """Query MSE after adapting on the support set (the meta-objective of one task), plus `rank_weight` times
         a pairwise ranking loss (`pairwise_rank_loss`): the MSE keeps the values on the accuracy scale, the
         ranking term spends the predictor's capacity on the order within the task, which is what a search uses."""
-        params = self.adapt(support, first_order=first_order) if adapt else None
+        # meta-training always learns the plain step: `adaptation` is how a trained predictor uses it
+        params = self.adapt(support, first_order=first_order, gate=False) if adapt else None
         pred = self.predictor(query, params)
         loss = mse(pred, query.target)
         if rank_weight:
@@ -242,10 +260,13 @@ def load_predictor(path: str | Path, space: SpaceConfig | None = None) -> tuple[
                              f"(encoding layout / feature channels differ from space {space.name!r})")
     model = MetaSGD(Predictor(cfg), inner_steps=int(blob.get("inner_steps", 1)))
     model.load_state_dict(blob["state_dict"])
-    rng = (blob.get("meta") or {}).get("train_teacher_acc_range")
+    meta = blob.get("meta") or {}
+    model.adaptation = meta.get("adaptation", "gate")
+    if model.adaptation not in ADAPTATIONS:
+        raise ValueError(f"{p}: meta.adaptation {model.adaptation!r} is not one of {', '.join(ADAPTATIONS)}")
+    rng = meta.get("train_teacher_acc_range")
     if rng is not None:
         model.teacher_acc_range = (float(rng[0]), float(rng[1]))
-    clip = (blob.get("meta") or {}).get("inner_clip")
-    if clip is not None:
-        model.inner_clip = float(clip)
+    if meta.get("inner_clip") is not None:
+        model.inner_clip = float(meta["inner_clip"])
     return model.eval(), blob

@@ -63,8 +63,11 @@ def evaluate(model: MetaSGD, tasks: list[MetaTask], adapt: bool = True) -> dict:
         y = t.acc.numpy()
         per[t.task_id] = {"spearman": spearman(p, y), "kendall": kendall(p, y),
                           "mse": float(np.mean((p - y) ** 2))}
-    mean = float(np.mean([v["spearman"] for v in per.values()])) if per else float("nan")
-    return {"tasks": per, "mean_spearman": mean}
+    # a task whose students all measured the same accuracy (e.g. a teacher at chance: every student at chance too)
+    # has no ranking to judge: its Spearman is nan and it is left out of the mean, which counts the tasks judged
+    judged = [v["spearman"] for v in per.values() if np.isfinite(v["spearman"])]
+    mean = float(np.mean(judged)) if judged else float("nan")
+    return {"tasks": per, "mean_spearman": mean, "tasks_judged": len(judged)}
 
 
 @dataclass
@@ -81,9 +84,22 @@ class MetaTrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) on the predictor's weights; never on the learned step sizes
     rank_weight: float = 0.0  # weight of the pairwise ranking term of the query loss (core.meta.pairwise_rank_loss)
     rank_temperature: float = 0.02  # its temperature, in accuracy units
+    # how the trained predictor adapts to a teacher (core.meta.ADAPTATIONS): the model is selected on the
+    # validation tasks as the search will use it; training always learns the plain step
+    adaptation: str = "step"
+    inner_clip: float = 0.1
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def new_model(space: SpaceConfig, cfg: MetaTrainConfig, train: list[MetaTask]) -> MetaSGD:
+    """A freshly initialised predictor that adapts as `cfg` says (the gate's range: the training teachers')."""
+    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    model.adaptation, model.inner_clip = cfg.adaptation, cfg.inner_clip
+    if train:
+        model.teacher_acc_range = (min(t.teacher_acc for t in train), max(t.teacher_acc for t in train))
+    return model
 
 
 def make_optimizer(model: MetaSGD, cfg: MetaTrainConfig) -> torch.optim.Optimizer:
@@ -98,7 +114,7 @@ def make_optimizer(model: MetaSGD, cfg: MetaTrainConfig) -> torch.optim.Optimize
 def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig,
                 log=None) -> tuple[MetaSGD, dict]:
     """Single-process meta-training (reference for the Ray Train path; used for baselines)."""
-    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    model = new_model(space, cfg, train)
     opt = make_optimizer(model, cfg)
     best = (-float("inf"), None, -1)
     ids = list(range(len(train)))

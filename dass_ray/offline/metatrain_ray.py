@@ -18,8 +18,7 @@ import torch
 
 from dass_ray.fileutil import resolve_storage
 from dass_ray.offline.metadataset import MetaTask
-from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss, evaluate, make_optimizer
-from dass_ray.core.meta import make_model
+from dass_ray.offline.metatrain import MetaTrainConfig, episode_loss, evaluate, make_optimizer, new_model
 from dass_ray.search.resources import scaling_config_kwargs
 from dass_ray.core.space import SpaceConfig
 
@@ -35,7 +34,7 @@ def _loop(config: dict) -> None:
     val: list[MetaTask] = config["val"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+    model = new_model(space, cfg, train)
     if config.get("init") is not None:  # fine-tuning: start from a parent predictor (a checkpoint overrides it)
         model.load_state_dict(config["init"])
     opt = make_optimizer(model, cfg)

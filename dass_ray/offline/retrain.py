@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dass_ray.core.meta import load_predictor, make_model, save_predictor
+from dass_ray.core.meta import load_predictor, save_predictor
 from dass_ray.core.space import SpaceConfig
 from dass_ray.fileutil import code_version
 from dass_ray.offline.metadataset import MetaTask, atomic_write_text, load_history, load_meta_tasks
-from dass_ray.offline.metatrain import MetaTrainConfig, evaluate
+from dass_ray.offline.metatrain import MetaTrainConfig, evaluate, new_model
 from dass_ray.offline.metatrain_ray import meta_train
 from dass_ray.search.history import LATEST, versions_dir
 
@@ -62,9 +62,8 @@ def split_history(tasks: list[MetaTask], holdout: float, seed: int) -> tuple[lis
 
 def _mean_spearman(model, tasks: list[MetaTask]) -> float | None:
     """Mean Spearman over the tasks where it is defined (a task whose students all measured the same has none)."""
-    per = [v["spearman"] for v in evaluate(model, tasks)["tasks"].values()] if tasks else []
-    per = [v for v in per if not np.isnan(v)]
-    return round(float(np.mean(per)), 4) if per else None
+    m = evaluate(model, tasks)["mean_spearman"] if tasks else float("nan")
+    return round(m, 4) if np.isfinite(m) else None
 
 
 def _run_name(version: int, parent: str | Path, cfg: MetaTrainConfig) -> str:
@@ -166,7 +165,8 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
         pcfg = (parent_blob.get("meta") or {}).get("config") or {}  # the parent's objective carries over
         cfg = MetaTrainConfig(episodes=episodes, lr=lr, eval_every=max(1, episodes // 10), seed=seed,
                               rank_weight=float(pcfg.get("rank_weight", 0.0)),
-                              rank_temperature=float(pcfg.get("rank_temperature", 0.02)))
+                              rank_temperature=float(pcfg.get("rank_temperature", 0.02)),
+                              adaptation=parent_model.adaptation, inner_clip=parent_model.inner_clip)
         name = _run_name(version, parent, cfg)
         n_hist = sum(len(t.acc) for t in hist)
         emit("load", 1, 1, f"v{version}: {len(hist)} history tasks ({n_hist} students; {len(hist_train)} train, "
@@ -183,7 +183,7 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
         out = meta_train(space, train, val, cfg, num_workers=workers, threads=threads, storage=d / "ray",
                          name=name, init={k: v.clone() for k, v in parent_model.state_dict().items()},
                          progress=progress if events else None)
-        model = make_model(space, cfg.use_functional, cfg.inner_lr, cfg.seed)
+        model = new_model(space, cfg, train)  # adapts to a teacher as its parent does (judged the same way)
         model.load_state_dict(out["best"])
         teachers = [t.teacher_acc for t in train]
         before = {"meta_val": _mean_spearman(parent_model, meta_val),
@@ -201,7 +201,8 @@ def retrain(history: str | Path, metadataset: str | Path, parent: str | Path, sp
                 "history_train_tasks": [t.task_id for t in hist_train],
                 "history_val_tasks": [t.task_id for t in hist_val],
                 "val_spearman_before": before, "val_spearman_after": after, "best_episode": out["best_episode"],
-                "train_teacher_acc_range": [min(teachers), max(teachers)], "promoted": promoted,
+                "train_teacher_acc_range": [min(teachers), max(teachers)], "adaptation": model.adaptation,
+                **({"inner_clip": model.inner_clip} if model.adaptation == "clip" else {}), "promoted": promoted,
                 "promotion": why}
         path = d / f"v{version}.pt"
         save_predictor(path, model, space, meta)

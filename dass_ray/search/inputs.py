@@ -129,6 +129,13 @@ def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | Non
     rng = predictor_meta.get("train_teacher_acc_range")
     if not rng or rng[0] <= teacher_acc <= rng[1]:
         return None
+    mode = predictor_meta.get("adaptation", "gate")
+    if mode == "none":
+        return None  # this predictor never takes the step
+    if mode in ("step", "clip"):
+        return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
+                f"({rng[0]:.2f}-{rng[1]:.2f}): its adaptation ({mode}) takes the teacher-guided step anyway; the "
+                f"ranking may be less reliable than on teachers like the meta-training ones")
     return (f"teacher accuracy {teacher_acc:.3f} is outside the range of the predictor's meta-training teachers "
             f"({rng[0]:.2f}-{rng[1]:.2f}): ranking without the teacher-guided adaptation step; --readapt adapts on "
             f"the measured students instead")
