@@ -123,7 +123,12 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
     assert "no meta-training tasks: the architecture-only baseline is skipped" in p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert list(res["tasks"]) == [tid] and "arch_only" not in res["tasks"][tid]
-    assert {"dass", "dass_none", "params", "flops", "synflow", "naswot", "random"} <= set(res["tasks"][tid])
+    assert {"dass", "params", "flops", "synflow", "naswot", "random"} <= set(res["tasks"][tid])
+    # the predictor's own adaptation is `dass`; every other mode is shown beside it
+    from dass_ray.core.meta import ADAPTATIONS
+
+    assert res["adaptation"] in ADAPTATIONS
+    assert {f"dass_{m}" for m in ADAPTATIONS if m != res["adaptation"]} <= set(res["tasks"][tid])
     ceiling = res["noise_ceiling_detail"][tid]
     assert ceiling["students"] == 3 and ceiling["label_seeds"] == 2 and res["task_info"][tid]["label_seeds"] == 2
     before = MetaDatasetStore(out).students().to_pylist()
