@@ -29,14 +29,19 @@ def main(argv=None) -> int:
                     help="decoupled (AdamW) weight decay on the predictor's weights, not on the step sizes")
     ap.add_argument("--rank-weight", type=float, default=0.0, help="weight of the pairwise ranking term of the "
                     "query loss (0: MSE only)")
-    ap.add_argument("--adaptation", default="gate", choices=["gate", "step", "clip", "none"],
+    ap.add_argument("--adaptation", default="none", choices=["gate", "step", "clip", "none"],
                     help="how a search adapts the predictor to its teacher (stored in the checkpoint; "
                          "dass_ray.core.meta.ADAPTATIONS): gate = the step, skipped for a teacher outside the "
                          "meta-training teachers' accuracy range; step = always; clip = the step with the teacher's "
                          "residual clipped to +-INNER_CLIP; none = the output bias only (default: %(default)s, "
-                         "chosen on meta-validation with scripts/sweep_meta.py)")
+                         "the mode chosen on meta-validation with scripts/sweep_meta.py)")
     ap.add_argument("--inner-clip", type=float, default=0.1, help="trust-region radius of --adaptation clip "
                     "(accuracy units)")
+    ap.add_argument("--train-adaptation", default="step", choices=["step", "shift"],
+                    help="meta-objective: step = learn the teacher-guided step (default); shift = learn accuracies "
+                         "relative to the teacher's (what --adaptation none uses)")
+    ap.add_argument("--task-weight", default="equal", choices=["equal", "spread"],
+                    help="equal (default) or spread: each task's MSE divided by the variance of its accuracies")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default=None)
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
                           inner_lr=scale.meta_inner_lr, query_size=scale.meta_query_size,
                           eval_every=scale.meta_eval_every, seed=args.seed, use_functional=not args.arch_only,
                           adapt=not args.arch_only, weight_decay=args.weight_decay, rank_weight=args.rank_weight,
-                          adaptation=args.adaptation if not args.arch_only else "step", inner_clip=args.inner_clip)
+                          adaptation=args.adaptation if not args.arch_only else "step", inner_clip=args.inner_clip,
+                          train_adaptation=args.train_adaptation, task_weight=args.task_weight)
     init_ray(args.address)
     t0 = time.time()
     name = ("arch-only" if args.arch_only else "dass") + f"-s{args.seed}"

@@ -2,10 +2,12 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dass_ray.core.config import get_scale
+from dass_ray.core.meta import spearman
 from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks
 from dass_ray.offline.plans import PLANS
 
@@ -230,3 +232,25 @@ def test_schedule_sweep_uses_meta_validation_only(built, tmp_path):
     bad = subprocess.run([sys.executable, script, "--metadataset", str(out), "--lr", "-1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--lr > 0" in bad.stderr
+
+    # objectives and seeds are grid dimensions; several seeds add each setting's seed-ensemble
+    p = subprocess.run([sys.executable, script, "--metadataset", str(out), "--scale", "tiny", "--episodes", "2",
+                        "--lr", "1e-3", "--train-adaptation", "step,shift", "--task-weight", "spread",
+                        "--seed", "0,1", "--jobs", "2", "--output", str(res)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    full = json.loads(res.read_text())
+    assert [(r["train_adaptation"], r["task_weight"], r["seed"]) for r in full["runs"]] == [
+        ("step", "spread", 0), ("step", "spread", 1), ("shift", "spread", 0), ("shift", "spread", 1)]
+    assert [(e["train_adaptation"], e["seeds"]) for e in full["ensembles"]] == [("step", [0, 1]), ("shift", [0, 1])]
+    for e, members in zip(full["ensembles"], (full["runs"][:2], full["runs"][2:])):
+        for mode in ("step", "none"):
+            for task, y in members[0]["val_labels"].items():  # the ensemble scores the mean of its members
+                mean = np.mean([m["val_predictions"][mode][task] for m in members], axis=0)
+                want = spearman(mean, y)
+                got = e[mode]["per_task"][task]
+                assert (np.isnan(got) and np.isnan(want)) or got == pytest.approx(want)
+    assert "val_predictions" not in json.loads(p.stdout.strip().splitlines()[-1])["runs"][0]
+    bad = subprocess.run([sys.executable, script, "--metadataset", str(out), "--train-adaptation", "gate"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "step, shift" in bad.stderr

@@ -259,3 +259,48 @@ def test_a_task_without_a_ranking_is_left_out_of_the_validation_mean():
     assert np.isnan(ev["tasks"]["flat"]["spearman"]) and ev["tasks_judged"] == 1
     assert ev["mean_spearman"] == pytest.approx(spearman(predict_task(m, ranked), ranked.acc.numpy()))
     assert np.isnan(evaluate(m, [flat])["mean_spearman"])
+
+
+def test_shift_objective_learns_accuracy_relative_to_the_teacher():
+    torch.manual_seed(0)
+    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
+    q = _batch(6, cfg)
+    sup = teacher_support(q.teacher_map, q.arch[0], 0.9)
+    loss = m.task_loss(sup, q, shift=True)
+    rel_pred = m.predictor(q) - m.predictor(sup)[0]
+    torch.testing.assert_close(loss, ((rel_pred - (q.target - 0.9)) ** 2).mean())
+    loss.backward()
+    assert all(p.grad is not None for p in m.predictor.parameters())
+    assert all(p.grad is None for p in m.step_sizes.parameters())  # no step is taken, so none is learned
+    # the trained model used as adaptation "none" scores exactly what the shift objective trained
+    m.adaptation = "none"
+    torch.testing.assert_close(m.predict(sup, q), (rel_pred + 0.9).detach())
+    # `scale` divides the task's MSE (the "spread" task weighting)
+    torch.testing.assert_close(m.task_loss(sup, q, shift=True, scale=0.5), 2 * loss.detach())
+
+
+def test_spread_weighting_divides_each_task_by_the_variance_of_its_accuracies():
+    from dass_ray.offline.metadataset import MetaTask
+    from dass_ray.offline.metatrain import episode_loss_sum, task_scale
+
+    space = get_space("cpu")
+    m = make_model(space, use_functional=True, seed=0)
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    acc = torch.tensor([0.2, 0.22, 0.21, 0.25, 0.24])
+    t = MetaTask("t", "train", "src", 0.23, torch.randn(1, space.feature_channels, 4, 4, generator=g),
+                 torch.randn(space.encoding_size, generator=g), torch.randn(n, space.feature_channels, 4, 4,
+                                                                           generator=g),
+                 torch.randn(n, space.encoding_size, generator=g), acc, np.zeros(n), np.zeros(n), [])
+    want = float(acc.var(unbiased=False)) + 0.01 ** 2
+    assert task_scale(t, "spread") == pytest.approx(want) and task_scale(t, "equal") == 1.0
+    flat = MetaTask(**{**t.__dict__, "acc": torch.full((n,), 0.25)})
+    assert task_scale(flat, "spread") == pytest.approx(1e-4)  # all at chance: the floor, not a division by zero
+    equal = episode_loss_sum(m, [t], [0], 0, 0, n)
+    spread = episode_loss_sum(m, [t], [0], 0, 0, n, task_weight="spread")
+    torch.testing.assert_close(spread, equal / want)
+    with pytest.raises(ValueError, match="task_weight"):
+        task_scale(t, "median")
+    with pytest.raises(ValueError, match="train_adaptation"):
+        episode_loss_sum(m, [t], [0], 0, 0, n, train_adaptation="gate")

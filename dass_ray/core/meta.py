@@ -157,15 +157,24 @@ class MetaSGD(nn.Module):
 
     def task_loss(
         self, support: PredictorBatch, query: PredictorBatch, first_order: bool = False, adapt: bool = True,
-        rank_weight: float = 0.0, rank_temperature: float = 0.02,
+        rank_weight: float = 0.0, rank_temperature: float = 0.02, shift: bool = False, scale: float = 1.0,
     ) -> torch.Tensor:
         """Query MSE after adapting on the support set (the meta-objective of one task), plus `rank_weight` times
         a pairwise ranking loss (`pairwise_rank_loss`): the MSE keeps the values on the accuracy scale, the
-        ranking term spends the predictor's capacity on the order within the task, which is what a search uses."""
-        # meta-training always learns the plain step: `adaptation` is how a trained predictor uses it
-        params = self.adapt(support, first_order=first_order, gate=False) if adapt else None
-        pred = self.predictor(query, params)
-        loss = mse(pred, query.target)
+        ranking term spends the predictor's capacity on the order within the task, which is what a search uses.
+
+        `shift`: train the adaptation that adaptation "none" uses -- no step, the scores shifted so that the
+        teacher's equals its accuracy -- with the gradient through the teacher's prediction, i.e. the predictor
+        learns each student's accuracy relative to its teacher's. `scale`: the MSE is divided by it (a per-task
+        normaliser, e.g. the spread of the task's accuracies, so that a task whose students lie within a few points
+        of each other weighs as much as one spread over tens of points)."""
+        if shift and adapt:
+            pred = self.predictor(query) - self.predictor(support)[0] + support.target[0]
+        else:
+            # meta-training learns the plain step: `adaptation` is how a trained predictor uses it
+            params = self.adapt(support, first_order=first_order, gate=False) if adapt else None
+            pred = self.predictor(query, params)
+        loss = mse(pred, query.target) / scale
         if rank_weight:
             loss = loss + rank_weight * pairwise_rank_loss(pred, query.target, rank_temperature)
         return loss

@@ -30,16 +30,34 @@ def task_batches(t: MetaTask, idx=None) -> tuple[PredictorBatch, PredictorBatch]
     return support, query
 
 
+TRAIN_ADAPTATIONS = ("step", "shift")  # what meta-training adapts with (MetaSGD.task_loss)
+TASK_WEIGHTS = ("equal", "spread")  # how the tasks' query losses are weighed in an episode
+
+
+def task_scale(t: MetaTask, task_weight: str, floor: float = 0.01) -> float:
+    """The divisor of task `t`'s query MSE: 1 ("equal"), or ("spread") the variance of its students' accuracies
+    plus `floor`^2 (a task whose students all measured the same accuracy weighs as one spread over `floor`)."""
+    if task_weight == "equal":
+        return 1.0
+    if task_weight != "spread":
+        raise ValueError(f"task_weight must be one of {TASK_WEIGHTS}, got {task_weight!r}")
+    return float(t.acc.var(unbiased=False)) + floor ** 2
+
+
 def episode_loss_sum(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int], episode: int, seed: int,
                      query_size: int, adapt: bool = True, first_order: bool = False, rank_weight: float = 0.0,
-                     rank_temperature: float = 0.02) -> torch.Tensor:
+                     rank_temperature: float = 0.02, train_adaptation: str = "step",
+                     task_weight: str = "equal") -> torch.Tensor:
     """Sum of query losses over `task_ids` (indices into `tasks`); divide by the total task count for the mean."""
+    if train_adaptation not in TRAIN_ADAPTATIONS:
+        raise ValueError(f"train_adaptation must be one of {TRAIN_ADAPTATIONS}, got {train_adaptation!r}")
     total = torch.zeros(())
     for i in task_ids:
         t = tasks[i]
         s, q = task_batches(t, query_indices(len(t.acc), query_size, seed, episode, i))
         total = total + model.task_loss(s, q, first_order=first_order, adapt=adapt, rank_weight=rank_weight,
-                                        rank_temperature=rank_temperature)
+                                        rank_temperature=rank_temperature, shift=train_adaptation == "shift",
+                                        scale=task_scale(t, task_weight))
     return total
 
 
@@ -47,7 +65,7 @@ def episode_loss(model: MetaSGD, tasks: list[MetaTask], task_ids: list[int], epi
                  cfg: "MetaTrainConfig") -> torch.Tensor:
     """`episode_loss_sum` with the configuration's objective."""
     return episode_loss_sum(model, tasks, task_ids, episode, cfg.seed, cfg.query_size, cfg.adapt, cfg.first_order,
-                            cfg.rank_weight, cfg.rank_temperature)
+                            cfg.rank_weight, cfg.rank_temperature, cfg.train_adaptation, cfg.task_weight)
 
 
 @torch.no_grad()
@@ -88,6 +106,10 @@ class MetaTrainConfig:
     # validation tasks as the search will use it; training always learns the plain step
     adaptation: str = "step"
     inner_clip: float = 0.1
+    # the meta-objective: "step" learns the teacher-guided step; "shift" learns accuracies relative to the
+    # teacher's (what adaptation "none" uses; the step sizes then stay untrained)
+    train_adaptation: str = "step"
+    task_weight: str = "equal"  # "spread": each task's MSE divided by the variance of its accuracies (task_scale)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
