@@ -55,6 +55,17 @@ def _batch(n, cfg, seed=0):
     )
 
 
+TINY = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
+
+
+def _tiny_task(n=6, inner_lr=0.005):
+    """A tiny MetaSGD (seeded), a query batch of `n` students and its teacher's support at accuracy 0.9."""
+    torch.manual_seed(0)
+    m = MetaSGD(Predictor(TINY), inner_lr=inner_lr)
+    q = _batch(n, TINY)
+    return m, q, teacher_support(q.teacher_map, q.arch[0], 0.9)
+
+
 def test_predictor_shapes_and_size():
     paper = PredictorConfig(feature_channels=256, encoding_size=200)
     n_paper = num_parameters(Predictor(paper))
@@ -80,11 +91,7 @@ def test_functional_forward_equals_module_forward_and_does_not_mutate():
 
 
 def test_meta_sgd_adapts_on_teacher_and_step_sizes_get_gradients():
-    torch.manual_seed(0)
-    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
-    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
-    b = _batch(6, cfg)
-    sup = teacher_support(b.teacher_map, b.arch[0], 0.9)
+    m, b, sup = _tiny_task()
     loss = m.task_loss(sup, b)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.step_sizes.values())
@@ -171,11 +178,7 @@ def test_pairwise_rank_loss_prefers_the_measured_order():
 
 
 def test_rank_term_joins_the_query_loss_only_when_weighted():
-    torch.manual_seed(0)
-    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
-    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
-    q = _batch(6, cfg)
-    sup = teacher_support(q.teacher_map, q.arch[0], 0.9)
+    m, q, sup = _tiny_task()
     plain, ranked = m.task_loss(sup, q), m.task_loss(sup, q, rank_weight=1.0)
     from dass_ray.core.meta import pairwise_rank_loss
 
@@ -262,11 +265,7 @@ def test_a_task_without_a_ranking_is_left_out_of_the_validation_mean():
 
 
 def test_shift_objective_learns_accuracy_relative_to_the_teacher():
-    torch.manual_seed(0)
-    cfg = PredictorConfig(feature_channels=16, encoding_size=10, enc_channels=(8, 8), hidden=8, arch_hidden=8)
-    m = MetaSGD(Predictor(cfg), inner_lr=0.005)
-    q = _batch(6, cfg)
-    sup = teacher_support(q.teacher_map, q.arch[0], 0.9)
+    m, q, sup = _tiny_task()
     loss = m.task_loss(sup, q, shift=True)
     rel_pred = m.predictor(q) - m.predictor(sup)[0]
     torch.testing.assert_close(loss, ((rel_pred - (q.target - 0.9)) ** 2).mean())
