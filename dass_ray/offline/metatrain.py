@@ -103,7 +103,7 @@ class MetaTrainConfig:
     rank_weight: float = 0.0  # weight of the pairwise ranking term of the query loss (core.meta.pairwise_rank_loss)
     rank_temperature: float = 0.02  # its temperature, in accuracy units
     # how the trained predictor adapts to a teacher (core.meta.ADAPTATIONS): the model is selected on the
-    # validation tasks as the search will use it; training always learns the plain step
+    # validation tasks as the search will use it; training learns the plain step (train_adaptation "step")
     adaptation: str = "step"
     inner_clip: float = 0.1
     # the meta-objective: "step" learns the teacher-guided step; "shift" learns accuracies relative to the
