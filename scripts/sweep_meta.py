@@ -2,9 +2,9 @@
 """Choose the meta-learning schedule and objective on the meta-validation tasks only: meta-train one predictor per
 (lr, weight decay, ranking-term weight, objective, seed) setting in a grid (plain PyTorch,
 `metatrain.train_local`, the same computation as the Ray Train path with one worker) and report each one's mean
-Spearman on the meta-validation tasks with the teacher-guided adaptation step, with it gated as the search gates it (no step for a teacher outside the
-meta-training teachers' accuracy range), with the step's teacher residual clipped (a trust region, `CLIPS`), and
-without it. Meta-test tasks are never loaded.
+Spearman on the meta-validation tasks with the teacher-guided adaptation step, with it gated as the search gates
+it (no step for a teacher outside the meta-training teachers' accuracy range), with the step's teacher residual
+clipped (a trust region, `CLIPS`), and without it. Meta-test tasks are never loaded.
 
     python scripts/sweep_meta.py --metadataset artifacts/metadataset --lr 5e-4,1e-3,2e-3,4e-3 --weight-decay 0,0.01,0.1 \
         [--rank-weight 0,1] --output artifacts/metaval_sweep.json
