@@ -101,6 +101,18 @@ def test_broad_plan_keeps_cpu_tasks_and_separates_val_classes():
     assert all(g.num_students(scale) >= 50 and g.num_second_seed(scale) >= 50 for g in broad if g.role == "test")
 
 
+def test_broad3_plan_extends_broad_with_a_third_task_per_test_source():
+    broad, broad3 = PLANS["broad"], PLANS["broad3"]
+    assert broad3[:len(broad)] == broad  # every recorded task (and row) of the broad plan survives
+    tests = {}
+    for g in broad3:
+        if g.role == "test":
+            tests[g.source] = tests.get(g.source, 0) + g.num_tasks
+    # bench_history holds one task out and needs two more of its source: one to train on, one to validate on
+    assert len(tests) >= 4 and min(tests.values()) >= 3, tests
+    assert [g.role for g in broad3[len(broad):]] == ["test"] * (len(broad3) - len(broad))
+
+
 def test_store_accepts_a_plan_with_other_counts_and_refuses_another_recipe(tmp_path):
     scale = get_scale("tiny")
     store = MetaDatasetStore(tmp_path / "md")

@@ -1,7 +1,8 @@
 """Plans of a meta-dataset: which tasks (source, classes, images per class, teacher training) get how many students.
 
-`PLANS` holds the built-in plans ("cpu": the first meta-dataset; "broad": 40 tasks from 13 sources; "tiny": tests);
-`load_plan` also reads a JSON plan file; `make_tasks` turns a plan into deterministic class-subset tasks.
+`PLANS` holds the built-in plans ("cpu": the first meta-dataset; "broad": 40 tasks from 13 sources; "broad3": broad
+plus a third test task per test source; "tiny": tests); `load_plan` also reads a JSON plan file; `make_tasks` turns
+a plan into deterministic class-subset tasks.
 """
 from __future__ import annotations
 
@@ -137,11 +138,23 @@ _BROAD_PLAN = [
     _g("test", "pacs_sketch", "pacs_sketch/all.parquet", 76, 3, 20, 40, 2, students=50, second_seed=50),
 ]
 
+# broad3: the broad plan plus a third meta-test task for each test source, so that a simulated user history
+# (benchmarks/bench_history.py: the other tasks of the same source) holds two tasks and one can be held out for
+# model selection. Same label recipe as the other test tasks (50 students, two KD seeds each).
+_BROAD3_PLAN = [
+    *_BROAD_PLAN,
+    _g("test", "mnist5k", "mnist5k/all.parquet", 77, 5, 100, 40, 10, students=50, second_seed=50),
+    _g("test", "omniglot_small", "omniglot_small/all.parquet", 78, 10, 15, 5, 10, students=50, second_seed=50),
+    _g("test", "sign_digits", "sign_digits/all.parquet", 79, 6, 60, 50, 10, students=50, second_seed=50),
+    _g("test", "pacs_sketch", "pacs_sketch/all.parquet", 80, 4, 50, 30, 10, students=50, second_seed=50),
+]
+
 PLANS: dict[str, list[TaskGroup]] = {
     # Meta-train on CIFAR-10 and Fashion-MNIST class subsets; meta-validate on other subsets of the same sources;
     # meta-test on MNIST and Omniglot, never seen in meta-training.
     "cpu": _CPU_PLAN,
     "broad": _BROAD_PLAN,
+    "broad3": _BROAD3_PLAN,
     # Tests: bundled data only, seconds.
     "tiny": [
         TaskGroup("train", "mnist5k", "mnist5k.parquet", None, 2, seed=1),
