@@ -5,7 +5,8 @@ found a student within 0.5 accuracy points of the pool's best.
 Strategies: `default`, exactly what scripts/search.py does with default options (its SearchConfig defaults: the
 predicted order of the shipped predictor after its own teacher-guided adaptation -- the checkpoint's `adaptation`:
 gate, step, clip or none -- or re-adaptation if that were the default); DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
-plus the students measured so far and re-rank the rest); random order (mean over 200 permutations); Optuna TPE
+plus the students measured so far and re-rank the rest); DaSS order blended with parameter count for a teacher well
+above chance (`dass_size`, `dass_ray.core.ranking.size_blend`); random order (mean over 200 permutations); Optuna TPE
 through Ray Tune (per-stage depth and width-multiplier parameters, mapped to the nearest pool member by encoding,
 never proposing a pool member twice). A "trial" looks up the pool's recorded KD accuracy.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dass_ray.core.ranking import trials_needed
+from dass_ray.core.ranking import size_blend, trials_needed
 
 
 def readapt_order(model, t, budget: int) -> list[int]:
@@ -115,12 +116,14 @@ def main(argv=None) -> int:
               f"{defaults.predictor}", file=sys.stderr)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(None, 2)
-    out: dict = {"default": {}, "dass": {}, "dass_readapt": {}, "random": {}, "optuna_tpe": {}}
+    out: dict = {"default": {}, "dass": {}, "dass_readapt": {}, "dass_size": {}, "random": {}, "optuna_tpe": {}}
     for t in tasks:
         acc = t.acc.numpy()
         n = len(acc)
         out["dass"][t.task_id] = trials_needed(list(np.argsort(-predict_task(model, t), kind="mergesort")), acc)
         out["dass_readapt"][t.task_id] = trials_needed(readapt_order(model, t, n), acc)
+        key = size_blend(predict_task(model, t), t.params, t.teacher_acc, t.num_classes)
+        out["dass_size"][t.task_id] = trials_needed(list(np.argsort(-key, kind="mergesort")), acc)
         out["default"][t.task_id] = out["dass_readapt" if defaults.readapt else "dass"][t.task_id]
         rng = np.random.default_rng(args.seed)
         out["random"][t.task_id] = float(np.mean([trials_needed(list(rng.permutation(n)), acc) for _ in range(200)]))

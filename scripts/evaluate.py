@@ -2,7 +2,8 @@
 """Evaluate student-ranking methods on the meta-test tasks of a meta-dataset.
 
 Methods: DaSS (the predictor's own teacher-guided adaptation, what the search does), DaSS with each other
-adaptation (`dass_step`, `dass_gate`, `dass_clip`, `dass_none`: no step), an architecture-only meta-predictor
+adaptation (`dass_step`, `dass_gate`, `dass_clip`, `dass_none`: no step), `dass_size` (DaSS's ranking blended
+with parameter count when the teacher is well above chance: `dass_ray.core.ranking.size_blend`), an architecture-only meta-predictor
 trained on the same meta-dataset (no functional embeddings: the non-distillation-aware baseline), FLOPs, parameter
 count, SynFlow and NASWOT computed on the remapped students, and random order (mean over 200 draws).
 Metrics per task: Spearman (with a 95% bootstrap interval over students), Kendall tau-b, top-1 / top-5 regret
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     from dass_ray.offline.metatrain import MetaTrainConfig, predict_task, task_batches, train_local
     from dass_ray.core.meta import load_predictor
     from dass_ray.core.proxies import score_all
-    from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
+    from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics, size_blend
     from dass_ray.core.space import get_space
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
                 s[f"dass_{mode}"] = predict_task(dass, t, adapt=True)
                 dass.adaptation = default_mode
         mae[t.task_id] = {m: float(100 * np.mean(np.abs(v - acc))) for m, v in s.items()}
+        # dass_size: the default ranking blended with parameter count for a teacher well above chance (size_blend)
+        s["dass_size"] = size_blend(s["dass"], t.params, t.teacher_acc, t.num_classes)
         if arch_only is not None:
             s["arch_only"] = predict_task(arch_only, t, adapt=False)
         s.update({"flops": t.flops.astype(float), "params": t.params.astype(float)})
