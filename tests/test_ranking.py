@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from dass_ray.core.meta import spearman
-from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics
+from dass_ray.core.ranking import (bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics, size_blend,
+                                   teacher_strength)
 
 
 def _task(rng, n=50, noise=0.5):
@@ -46,3 +47,20 @@ def test_regret_counts_points_lost_against_the_pool_best():
     m = ranking_metrics(np.array([6, 1, 2, 3, 4, 5.0]), acc)  # ranks the worst first
     assert m["top1_regret"] == pytest.approx(40.0) and m["top5_regret"] == pytest.approx(10.0)
     assert ranking_metrics(acc, acc)["spearman"] == pytest.approx(1.0)
+
+
+def test_size_blend_uses_model_size_only_for_a_teacher_well_above_chance():
+    scores = np.array([0.9, 0.5, 0.1, 0.3])  # the predictor's order: 0, 1, 3, 2
+    params = np.array([3e3, 1e3, 9e3, 2e3])  # size's ranks: 2, 0, 3, 1
+    assert teacher_strength(0.2, 5) == 0.0 and teacher_strength(0.1, 5) == 0.0  # at or below chance
+    assert teacher_strength(1.0, 5) == pytest.approx(1.0) and teacher_strength(0.6, 5) == pytest.approx(0.5)
+    # weak teacher (0.25 on 5 classes: strength 0.06): exactly the predictor's order
+    weak = size_blend(scores, params, 0.25, 5)
+    assert list(np.argsort(-weak, kind="mergesort")) == [0, 1, 3, 2]
+    # strong teacher: the mean of the two ranks -- the biggest student (2), last by score, moves up to second
+    strong = size_blend(scores, params, 0.9, 5)
+    assert strong.tolist() == [(3 + 2) / 2, (2 + 0) / 2, (0 + 3) / 2, (1 + 1) / 2]
+    assert list(np.argsort(-strong, kind="mergesort")) == [0, 2, 1, 3]
+    assert spearman(strong, params) > spearman(weak, params)
+    with pytest.raises(ValueError, match="4 scores but 3 parameter counts"):
+        size_blend(scores, params[:3], 0.9, 5)
