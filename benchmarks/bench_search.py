@@ -2,13 +2,14 @@
 """Search efficiency on meta-test pools with known KD labels: how many KD trials each strategy needs before it has
 found a student within 0.5 accuracy points of the pool's best.
 
-Strategies: `default`, exactly what scripts/search.py does with default options (its SearchConfig defaults: the
-predicted order of the shipped predictor after its own teacher-guided adaptation -- the checkpoint's `adaptation`:
-gate, step, clip or none -- or re-adaptation if that were the default); DaSS order (teacher-adapted predictor); DaSS with re-adaptation (after each trial, adapt on the teacher
-plus the students measured so far and re-rank the rest); DaSS order blended with parameter count for a teacher well
-above chance (`dass_size`, `dass_ray.core.ranking.size_blend`); random order (mean over 200 permutations); Optuna TPE
-through Ray Tune (per-stage depth and width-multiplier parameters, mapped to the nearest pool member by encoding,
-never proposing a pool member twice). A "trial" looks up the pool's recorded KD accuracy.
+Strategies: `default`, exactly what scripts/search.py does with default options (its SearchConfig defaults: its
+`order`, `dass_size`, or re-adaptation if that were the default); `dass`, the predicted order of the shipped
+predictor after its own teacher-guided adaptation (the checkpoint's `adaptation`: gate, step, clip or none);
+`dass_readapt` (after each trial, adapt on the teacher plus the students measured so far and re-rank the rest);
+`dass_size`, the DaSS order blended with parameter count for a teacher well above chance
+(`dass_ray.core.ranking.size_blend`); random order (mean over 200 permutations); Optuna TPE through Ray Tune
+(per-stage depth and width-multiplier parameters, mapped to the nearest pool member by encoding, never proposing a
+pool member twice). A "trial" looks up the pool's recorded KD accuracy.
 
     python benchmarks/bench_search.py --metadataset artifacts/metadataset --predictor dass_ray/assets/predictor/cpu.pt
 Labels: the mean of two KD seeds where every student of a task has both (--label). Last line: one JSON object
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dass_ray.core.ranking import size_blend, trials_needed
+from dass_ray.core.ranking import DEFAULT_ORDER, size_blend, trials_needed
 
 
 def readapt_order(model, t, budget: int) -> list[int]:
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
               f"{defaults.predictor}", file=sys.stderr)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_ray(None, 2)
+    # what scripts/search.py does with default options: re-adaptation if that were the default, else its order
+    default_is = "dass_readapt" if defaults.readapt else (defaults.order or DEFAULT_ORDER)
     out: dict = {"default": {}, "dass": {}, "dass_readapt": {}, "dass_size": {}, "random": {}, "optuna_tpe": {}}
     for t in tasks:
         acc = t.acc.numpy()
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         out["dass_readapt"][t.task_id] = trials_needed(readapt_order(model, t, n), acc)
         key = size_blend(predict_task(model, t), t.params, t.teacher_acc, t.num_classes)
         out["dass_size"][t.task_id] = trials_needed(list(np.argsort(-key, kind="mergesort")), acc)
-        out["default"][t.task_id] = out["dass_readapt" if defaults.readapt else "dass"][t.task_id]
+        out["default"][t.task_id] = out[default_is][t.task_id]
         rng = np.random.default_rng(args.seed)
         out["random"][t.task_id] = float(np.mean([trials_needed(list(rng.permutation(n)), acc) for _ in range(200)]))
         out["optuna_tpe"][t.task_id] = trials_needed(tpe_order(t, space, args.seed, n), acc)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     print(json.dumps({"trials_to_within_0_5pt": out, "pool_sizes": {t.task_id: len(t.acc) for t in tasks},
                       "label_seeds": {t.task_id: t.label_seeds for t in tasks}, "tolerance_pts": 0.5,
-                      "default_is": "dass_readapt" if defaults.readapt else "dass"}))
+                      "default_is": default_is}))
     return 0
 
 

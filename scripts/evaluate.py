@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Evaluate student-ranking methods on the meta-test tasks of a meta-dataset.
 
-Methods: DaSS (the predictor's own teacher-guided adaptation, what the search does), DaSS with each other
-adaptation (`dass_step`, `dass_gate`, `dass_clip`, `dass_none`: no step), `dass_size` (DaSS's ranking blended
-with parameter count when the teacher is well above chance: `dass_ray.core.ranking.size_blend`), an architecture-only meta-predictor
-trained on the same meta-dataset (no functional embeddings: the non-distillation-aware baseline), FLOPs, parameter
-count, SynFlow and NASWOT computed on the remapped students, and random order (mean over 200 draws).
+Methods: `dass_size`, what the search does by default (its order, `dass_ray.core.ranking.size_blend`: DaSS's
+ranking blended with parameter count when the teacher is well above chance); `dass`, the predictor's scores alone
+(its own teacher-guided adaptation); DaSS with each other adaptation (`dass_step`, `dass_gate`, `dass_clip`,
+`dass_none`: no step); an architecture-only meta-predictor trained on the same meta-dataset (no functional
+embeddings: the non-distillation-aware baseline); FLOPs, parameter count, SynFlow and NASWOT computed on the
+remapped students; and random order (mean over 200 draws).
 Metrics per task: Spearman (with a 95% bootstrap interval over students), Kendall tau-b, top-1 / top-5 regret
 (accuracy points lost vs the best student of the pool), and for the predictors the mean absolute error between
 predicted and measured accuracy. The mean over tasks has a bootstrap interval over tasks and students, and the
-difference of every method from DaSS (the search's default) has one too. Labels: the mean of the two KD seeds
+difference of every method from the search's default has one too. Labels: the mean of the two KD seeds
 where every student of a task has both (--label mean), and each task's label-noise ceiling for the labels used.
 
     python scripts/evaluate.py --metadataset artifacts/metadataset --predictor dass_ray/assets/predictor/cpu.pt \
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     from dass_ray.offline.metatrain import MetaTrainConfig, predict_task, task_batches, train_local
     from dass_ray.core.meta import load_predictor
     from dass_ray.core.proxies import score_all
-    from dass_ray.core.ranking import bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics, size_blend
+    from dass_ray.core.ranking import (DEFAULT_ORDER, bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics,
+                                       size_blend)
     from dass_ray.core.space import get_space
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -143,17 +145,18 @@ def main(argv=None) -> int:
     methods = list(next(iter(results.values())))
     mean = {m: float(np.nanmean([results[t][m]["spearman"] for t in results if m in results[t]])) for m in methods}
     common = [m for m in methods if m != "random" and all(m in sc for sc, _ in scored)]
-    boot = bootstrap_mean([({m: sc[m] for m in common}, a) for sc, a in scored], reference="dass",
+    default = DEFAULT_ORDER  # what the search does by default: its order (`dass_size` or `dass`)
+    boot = bootstrap_mean([({m: sc[m] for m in common}, a) for sc, a in scored], reference=default,
                           n_boot=args.bootstrap)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label))
+    (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label, default))
     _plot(out / "eval.png", results, ceilings, mean, boot, methods)
-    summary = {"default_method": "dass", "adaptation": default_mode, "label": args.label,
+    summary = {"default_method": default, "adaptation": default_mode, "label": args.label,
                "tasks": {t: {m: {k: v[k] for k in ("spearman", "spearman_ci", "kendall", "top1_regret", "top5_regret")
                                  if k in v} for m, v in per.items()} for t, per in results.items()},
                "task_info": meta, "mean_spearman": mean, "mean_spearman_ci": boot["mean"],
-               "diff_vs_dass_ci": boot["diff_vs_dass"], "mae_points": mae,
+               "diff_vs_default_ci": boot["diff_vs_" + default], "mae_points": mae,
                "noise_ceiling": {k: (v["ceiling"] if v else None) for k, v in ceilings.items()},
                "noise_ceiling_detail": ceilings,
                "sources": sorted({v["source"] for v in meta.values()})}
@@ -177,7 +180,7 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
-def _markdown(results, meta, mean, boot, ceilings, mae, label) -> str:
+def _markdown(results, meta, mean, boot, ceilings, mae, label, default) -> str:
     lines = ["| task | source | classes | teacher acc | method | Spearman [95% CI] | Kendall | top-1 regret (pts) | "
              "top-5 regret (pts) |", "|---|---|---|---|---|---|---|---|---|"]
     for tid, per in results.items():
@@ -186,10 +189,11 @@ def _markdown(results, meta, mean, boot, ceilings, mae, label) -> str:
             lines.append(f"| {tid} | {i['source']} | {i['classes']} | {i['teacher_acc']:.3f} | {m} | "
                          f"{v['spearman']:.3f} {_ci(v.get('spearman_ci'))} | {v['kendall']:.3f} | "
                          f"{v['top1_regret']:.2f} | {v['top5_regret']:.2f} |")
-    lines += ["", "| method | mean Spearman | 95% CI (tasks and students) | difference from dass, 95% CI |",
+    lines += ["", f"| method | mean Spearman | 95% CI (tasks and students) | difference from {default} (the search's "
+              "default), 95% CI |",
               "|---|---|---|---|"]
     for m, v in mean.items():
-        lines.append(f"| {m} | {v:.3f} | {_ci(boot['mean'].get(m))} | {_ci(boot['diff_vs_dass'].get(m))} |")
+        lines.append(f"| {m} | {v:.3f} | {_ci(boot['mean'].get(m))} | {_ci(boot['diff_vs_' + default].get(m))} |")
     lines += ["", f"Labels: {'mean of two KD seeds where every student has both, else the first seed' if label == 'mean' else 'first KD seed'}.",
               "Label-noise ceiling (seed-to-seed Spearman r; reliability of the label used: r for one seed, 2r/(1+r) for "
               "the mean of two; ceiling = sqrt(reliability), what a perfect predictor would reach):", ""]

@@ -165,13 +165,17 @@ def test_job_args_follow_the_contract(tmp_path):
 
 
 def test_the_contracts_torch_free_lists_match_the_code():
-    """The contract lists remapping schemes and scales without importing torch; they must match the code's."""
+    """The contract lists remapping schemes, scales and search orders without importing torch; they must match the
+    code's."""
     from dass_ray.core.config import SCALES
     from dass_ray.core.remap import schemes
     from dass_ray.service import contract as C
 
     assert set(C.REMAP_SCHEMES) == set(schemes())
     assert C.SCALE_SPACES == {name: s.space for name, s in SCALES.items()}
+    from dass_ray.core import ranking
+
+    assert C.ORDERS == ranking.ORDERS and C.DEFAULT_ORDER == ranking.DEFAULT_ORDER
 
 
 def test_jobs_recorded_before_the_contract_still_load():

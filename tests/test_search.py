@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dass_ray.core.data import bundled_path
+from dass_ray.core.ranking import size_blend
 from dass_ray.search import DEFAULT_TEACHER, DaSSSearcher, InputError, SearchConfig, prepare
 from dass_ray.service import contract as C
 from dass_ray.core.space import get_space
@@ -222,8 +223,12 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     cands = pq.read_table(out / "candidates.parquet")
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert cands.num_rows == 40 and len(trials) == 2
-    top2 = set(np.argsort(-cands["predicted_acc"].to_numpy(), kind="mergesort")[:2].tolist())
-    assert {t["index"] for t in trials} == top2  # exactly the top-K predicted were distilled
+    # the default order: the predictor's ranking, blended with parameter count under a teacher well above chance
+    teacher_acc = json.loads((out / "result.json").read_text())["teacher_acc"]
+    key = size_blend(cands["predicted_acc"].to_numpy(), cands["params"].to_numpy(), teacher_acc, 10)
+    first = np.argsort(-key, kind="mergesort")
+    assert cands["rank"].to_numpy()[first].tolist() == list(range(40))
+    assert {t["index"] for t in trials} == set(first[:2].tolist())  # exactly the first K in that order distilled
     assert all(t["status"] == "ok" and 0 <= t["measured_acc"] <= 1 for t in trials)
     assert all(t["checkpoint"].startswith(str(store / "kd")) for t in trials), [t["checkpoint"] for t in trials]
     assert not (out / "tune").exists()

@@ -121,3 +121,19 @@ def size_blend(scores, params, teacher_acc: float, num_classes: int,
     if teacher_strength(teacher_acc, num_classes) < strength:
         return r
     return (r + _rank(params)) / 2.0
+
+
+# The order in which a search distils its candidates: "dass_size" (size_blend: the default, chosen on the
+# meta-validation tasks) or "dass" (the predictor's scores alone).
+ORDERS = ("dass_size", "dass")
+DEFAULT_ORDER = "dass_size"
+
+
+def order_key(order: str, scores, params, teacher_acc: float, num_classes: int) -> np.ndarray:
+    """The key a search sorts its candidates by (higher first) under `order` (ORDERS; "" means DEFAULT_ORDER)."""
+    order = order or DEFAULT_ORDER
+    if order == "dass":
+        return np.asarray(scores, float)
+    if order == "dass_size":
+        return size_blend(scores, params, teacher_acc, num_classes)
+    raise ValueError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")

@@ -24,6 +24,7 @@ from dass_ray.core.export import export_student, spec_for
 from dass_ray.core.kd import TeacherCheckpoint, compute_soft_labels, load_teacher, round_half, train_teacher
 from dass_ray.core.nets import build
 from dass_ray.core.predictor import PredictorBatch
+from dass_ray.core.ranking import order_key
 from dass_ray.core.space import ArchConfig
 from dass_ray.search.inputs import Prepared, teacher_range_warning
 from dass_ray.search.rayutil import Progress
@@ -174,15 +175,18 @@ class SearchRun:
                                   on_progress=on_progress)
         prog.close()
         self.state["timings"]["score"] = round(time.time() - t0, 3)  # sampling, embedding, scoring
-        order = np.argsort(-scores, kind="mergesort")
+        params = np.array([p.space.params(a) for a in archs], dtype=np.int64)
+        # the distillation order (cfg.order: the predictor's ranking, by default blended with model size for a
+        # teacher well above chance); `rank` 0 is distilled first
+        key = order_key(cfg.order, scores, params, teacher.val_acc, p.data.num_classes)
+        order = np.argsort(-key, kind="mergesort")
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
         table = pa.table({
             "index": np.arange(n, dtype=np.int64), "arch_json": [a.to_json() for a in archs],
             "arch_digest": [a.digest() for a in archs],
             "flops": np.array([p.space.flops(a) for a in archs], dtype=np.int64),
-            "params": np.array([p.space.params(a) for a in archs], dtype=np.int64),
-            "predicted_acc": scores.astype(np.float64), "rank": rank,
+            "params": params, "predicted_acc": scores.astype(np.float64), "rank": rank,
         })
         tmp = cp.with_name(cp.name + ".tmp")
         pq.write_table(table, tmp)
@@ -221,7 +225,7 @@ class SearchRun:
         t0 = time.time()
         arch_jsons = cands["arch_json"].to_pylist()
         predicted = cands["predicted_acc"].to_numpy()
-        ranked = list(np.argsort(-predicted, kind="mergesort"))
+        ranked = list(np.argsort(cands["rank"].to_numpy(), kind="mergesort"))  # the order _score chose
         done = {r["index"]: r["measured_acc"] for r in self.trial_rows}
         remaining = cfg.top_k - len(done)
         if remaining <= 0:
@@ -240,8 +244,8 @@ class SearchRun:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=p.scale.kd.epochs, grace_period=1, reduction_factor=2)
         how = "".join([", ASHA early stopping" if cfg.asha else "",
                        ", re-ranking the rest after each (re-adaptation)" if cfg.readapt else ""])
-        self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} ({remaining} to run, "
-                         f"{p.scale.kd.epochs} epochs each{how})")
+        self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} in {cfg.order or C.DEFAULT_ORDER} "
+                         f"order ({remaining} to run, {p.scale.kd.epochs} epochs each{how})")
         from ray.tune import PlacementGroupFactory
 
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, ctx=ctx),

@@ -46,6 +46,10 @@ ARTIFACTS = {"torchscript": "student.torchscript.pt", "weights": "student.pt", "
 REMAP_SCHEMES = ("first_k", "last_k", "uniform", "random")
 SCALE_SPACES = {"cpu": "cpu", "tiny": "cpu", "paper": "paper"}  # scale -> the search space it searches
 SCALE_NAMES = tuple(SCALE_SPACES)
+# The orders a search distils its candidates in, and the default (dass_ray.core.ranking.ORDERS / DEFAULT_ORDER; a
+# test keeps them equal).
+ORDERS = ("dass_size", "dass")
+DEFAULT_ORDER = "dass_size"
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = str(_PACKAGE / "assets" / "teachers" / "mnist5k_cpu.pt")
@@ -112,6 +116,9 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           proto="scale", zero="default"),
     Field("remap", str, "", "how a student inherits the teacher's weights", choices=REMAP_SCHEMES, proto="remap",
           zero="the scale's (first_k)"),
+    Field("order", str, "", "the order candidates are distilled in: dass_size (the predictor's ranking blended with "
+          "parameter count when the teacher is well above chance) or dass (the predictor's scores alone)",
+          choices=ORDERS, proto="order", zero=DEFAULT_ORDER),
     Field("readapt", bool, False, "re-adapt the predictor on the teacher + measured students after each KD trial "
           "and re-rank the remaining candidates", proto="readapt"),
     Field("asha", bool, False, "ASHA early stopping of weak KD trials", proto="asha"),
