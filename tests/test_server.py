@@ -439,7 +439,7 @@ def test_every_knob_of_the_contract_is_a_proto_field():
         top = path.split(".")[0]
         assert top in sub and top in spec, path
     req = C.SearchRequest(dataset="d", teacher="t", candidates=50, top_k=3, readapt=True, asha=True, remap="uniform",
-                          classes=("a", "b"), max_flops=10**7, seed=7, kd_epochs=2, max_concurrent=3)
+                          classes=("a", "b"), max_flops=10**7, seed=7, kd_epochs=2, max_concurrent=3, order="dass")
     m = pb.SubmitSearchRequest()
     C.request_to_proto(req, m)
     assert C.request_from_proto(pb.SubmitSearchRequest.FromString(m.SerializeToString()), dataset="d",
