@@ -64,3 +64,27 @@ def test_size_blend_uses_model_size_only_for_a_teacher_well_above_chance():
     assert spearman(strong, params) > spearman(weak, params)
     with pytest.raises(ValueError, match="4 scores but 3 parameter counts"):
         size_blend(scores, params[:3], 0.9, 5)
+
+
+def test_the_default_orders_threshold_is_the_one_fit_on_the_shipped_meta_training_tasks(tmp_path):
+    """scripts/fit_order.py on the shipped meta-dataset: SIZE_BLEND_STRENGTH is the best threshold on the
+    meta-training tasks, and on the meta-validation tasks the blend ranks and searches at least as well as the
+    predictor alone (what made it the search's default)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dass_ray.core.ranking import SIZE_BLEND_STRENGTH
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "scripts" / "fit_order.py"), "--output", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == json.loads((tmp_path / "o.json").read_text())
+    train, val = res["roles"]["train"], res["roles"]["val"]
+    fits = {k: v["spearman"] for k, v in train.items() if k.startswith("dass_size@")}
+    assert max(fits, key=fits.get) == f"dass_size@{SIZE_BLEND_STRENGTH}", fits
+    best = val[f"dass_size@{SIZE_BLEND_STRENGTH}"]
+    assert best["spearman"] >= val["dass"]["spearman"] and best["trials"] <= val["dass"]["trials"], val
