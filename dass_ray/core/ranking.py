@@ -97,7 +97,7 @@ def trials_needed(order, acc, tol=0.005) -> int:
 
 # Teacher strength (how far its accuracy is from chance towards 1) from which `size_blend` mixes in parameter count.
 # Fit on the meta-training tasks (0.3 of {0, 0.3, 0.4, 0.5, 0.6}: mean Spearman 0.441 against 0.308 for the
-# predictor alone), then checked on the meta-validation tasks (README, "Tried afterwards").
+# predictor alone; scripts/fit_order.py), then checked on the meta-validation tasks (README, "The search's order").
 SIZE_BLEND_STRENGTH = 0.3
 
 

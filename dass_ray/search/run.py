@@ -244,8 +244,9 @@ class SearchRun:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=p.scale.kd.epochs, grace_period=1, reduction_factor=2)
         how = "".join([", ASHA early stopping" if cfg.asha else "",
                        ", re-ranking the rest after each (re-adaptation)" if cfg.readapt else ""])
-        self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} in {cfg.order or C.DEFAULT_ORDER} "
-                         f"order ({remaining} to run, {p.scale.kd.epochs} epochs each{how})")
+        self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} in "
+                         f"{cfg.order or C.DEFAULT_ORDER} order ({remaining} to run, {p.scale.kd.epochs} epochs "
+                         f"each{how})")
         from ray.tune import PlacementGroupFactory
 
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, ctx=ctx),
