@@ -80,8 +80,9 @@ def test_class_pool_keeps_tasks_inside_it_and_default_is_unchanged():
         make_class_subset_tasks(ds, class_pool=[3, 10], **kw)
 
 
-def test_broad_plan_keeps_cpu_tasks_and_separates_val_classes():
-    cpu, broad = PLANS["cpu"], PLANS["broad"]
+@pytest.mark.parametrize("name", ["broad", "broad3", "broad4"])
+def test_broad_plan_keeps_cpu_tasks_and_separates_val_classes(name):
+    cpu, broad = PLANS["cpu"], PLANS[name]
     # the cpu plan's task ids (hence rows) survive in the broad plan
     assert [g.prefix for g in cpu] == [g.prefix for g in broad[:len(cpu)]]
     roles = {}
@@ -111,6 +112,17 @@ def test_broad3_plan_extends_broad_with_a_third_task_per_test_source():
     # bench_history holds one task out and needs two more of its source: one to train on, one to validate on
     assert len(tests) >= 4 and min(tests.values()) >= 3, tests
     assert [g.role for g in broad3[len(broad):]] == ["test"] * (len(broad3) - len(broad))
+
+
+def test_broad4_plan_adds_near_chance_teachers_to_meta_training_and_validation_only():
+    broad3, broad4 = PLANS["broad3"], PLANS["broad4"]
+    assert broad4[:len(broad3)] == broad3
+    new = broad4[len(broad3):]
+    assert {g.role for g in new} == {"train", "val"} and sum(g.role == "val" for g in new) >= 3
+    test_sources = {g.source for g in broad3 if g.role == "test"}
+    assert not {g.source for g in new} & test_sources
+    # the regime the predictor was weakest in: a briefly trained teacher on few images, enough validation images
+    assert all(g.teacher_epochs <= 3 and g.train_per_class <= 30 and g.val_per_class >= 40 for g in new)
 
 
 def test_store_accepts_a_plan_with_other_counts_and_refuses_another_recipe(tmp_path):

@@ -1,8 +1,9 @@
 """Plans of a meta-dataset: which tasks (source, classes, images per class, teacher training) get how many students.
 
 `PLANS` holds the built-in plans ("cpu": the first meta-dataset; "broad": 40 tasks from 13 sources; "broad3": broad
-plus a third test task per test source; "tiny": tests); `load_plan` also reads a JSON plan file; `make_tasks` turns
-a plan into deterministic class-subset tasks.
+plus a third test task per test source; "broad4": broad3 plus near-chance-teacher meta-training/validation tasks;
+"tiny": tests); `load_plan` also reads a JSON plan file; `make_tasks` turns a plan into deterministic class-subset
+tasks.
 """
 from __future__ import annotations
 
@@ -149,12 +150,37 @@ _BROAD3_PLAN = [
     _g("test", "pacs_sketch", "pacs_sketch/all.parquet", 80, 4, 50, 30, 10, students=50, second_seed=50),
 ]
 
+# broad4: broad3 plus meta-training and meta-validation tasks in the regime where the predictor was weakest: a
+# teacher near chance (1-3 epochs on 10-30 images per class) over 5-6 classes with enough validation images per class
+# that the students' accuracies still separate. Train/val class pools stay disjoint; no test source is used.
+_CIFAR, _FASHION, _KANNADA = "cifar10/train.parquet", "fashion_mnist/train.parquet", "kannada_mnist/all.parquet"
+_FLOWERS, _INTEL, _CARTOON = "flowers5/all.parquet", "intel_scenes/train.parquet", "pacs_cartoon/all.parquet"
+_BROAD4_PLAN = [
+    *_BROAD3_PLAN,
+    _g("train", "cifar10", _CIFAR, 81, 5, 20, 50, 2, students=30),
+    _g("train", "cifar10", _CIFAR, 82, 5, 30, 50, 1, students=30),
+    _g("train", "fashion_mnist", _FASHION, 83, 5, 20, 50, 1, students=30),
+    _g("train", "fashion_mnist", _FASHION, 84, 6, 10, 50, 2, students=30),
+    _g("train", "kannada_mnist", _KANNADA, 85, 5, 20, 60, 2, students=30),
+    _g("train", "kannada_mnist", _KANNADA, 86, 6, 15, 50, 1, students=30),
+    _g("train", "flowers5", _FLOWERS, 87, 5, 20, 50, 2, students=30),
+    _g("train", "intel_scenes", _INTEL, 88, 5, 20, 50, 2, students=30),
+    _g("train", "pacs_cartoon", _CARTOON, 89, 5, 20, 40, 3, students=30),
+    _g("train", "gtsrb", _GTSRB, 90, 5, 20, 50, 3, _POOLS["gtsrb"][0], students=30),
+    _g("train", "tiny_imagenet50", _TINY, 91, 5, 20, 50, 3, _POOLS["tiny_imagenet50"][0], students=30),
+    _g("train", "chars74k_fonts", _CHARS, 92, 5, 20, 40, 3, _POOLS["chars74k_fonts"][0], students=30),
+    _g("val", "gtsrb", _GTSRB, 93, 5, 20, 50, 3, _POOLS["gtsrb"][1], students=30),
+    _g("val", "tiny_imagenet50", _TINY, 94, 5, 20, 50, 3, _POOLS["tiny_imagenet50"][1], students=30),
+    _g("val", "chars74k_fonts", _CHARS, 95, 5, 20, 40, 2, _POOLS["chars74k_fonts"][1], students=30),
+]
+
 PLANS: dict[str, list[TaskGroup]] = {
     # Meta-train on CIFAR-10 and Fashion-MNIST class subsets; meta-validate on other subsets of the same sources;
     # meta-test on MNIST and Omniglot, never seen in meta-training.
     "cpu": _CPU_PLAN,
     "broad": _BROAD_PLAN,
     "broad3": _BROAD3_PLAN,
+    "broad4": _BROAD4_PLAN,
     # Tests: bundled data only, seconds.
     "tiny": [
         TaskGroup("train", "mnist5k", "mnist5k.parquet", None, 2, seed=1),
