@@ -33,7 +33,7 @@ run: install
 
 # The fault handler is on: a native crash prints every thread's Python stack (tests/conftest.py explains the exit).
 test: install
-	PYTHONFAULTHANDLER=1 $(BIN)/python -X faulthandler -m pytest -q
+	PYTHONFAULTHANDLER=1 $(BIN)/python -X faulthandler -m pytest -q --durations=15
 
 test-fast: install
 	PYTHONFAULTHANDLER=1 $(BIN)/python -X faulthandler -m pytest -q -m "not slow"

@@ -5,11 +5,14 @@ For every teacher-strength threshold, the mean Spearman and the mean KD trials t
 best of the blended order, beside the predictor's order alone (`dass`) and parameter count alone, on the
 meta-training tasks (where the threshold is fit) and on the meta-validation tasks (which decide whether the blend
 is the default). Never on the meta-test tasks. Tasks whose students all measured the same are skipped.
+Also, per role, the tasks whose teacher is weak (strength below the chosen threshold, where the order is the
+predictor's alone): how the predictor, parameter count and FLOPs rank there, and on how many tasks each is below 0.
 
     python scripts/fit_order.py --output artifacts/order_fit.json
 
 Last line: one JSON object {"roles": {role: {"tasks": n, "dass": {...}, "params": {...},
-"dass_size@<threshold>": {"spearman": mean, "trials": mean}}}, "chosen": threshold}.
+"dass_size@<threshold>": {"spearman": mean, "trials": mean}, "weak": {"tasks": n, "dass": {"spearman": mean,
+"below_zero": n, "per_task": {...}}, "params": {...}, "flops": {...}}}}, "chosen": threshold}.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from dass_ray.core.meta import load_predictor, spearman
-    from dass_ray.core.ranking import SIZE_BLEND_STRENGTH, size_blend, trials_needed
+    from dass_ray.core.ranking import SIZE_BLEND_STRENGTH, size_blend, teacher_strength, trials_needed
     from dass_ray.core.space import get_space
     from dass_ray.offline.metadataset import load_meta_tasks
     from dass_ray.offline.metatrain import predict_task
@@ -61,9 +64,21 @@ def main(argv=None) -> int:
             sp = [spearman(k, t.acc.numpy()) for k, t in zip(per, tasks)]
             tr = [trials_needed(list(np.argsort(-k, kind="mergesort")), t.acc.numpy()) for k, t in zip(per, tasks)]
             res[name] = {"spearman": round(float(np.mean(sp)), 4), "trials": round(float(np.mean(tr)), 3)}
+        weak = [i for i, t in enumerate(tasks) if teacher_strength(t.teacher_acc, t.num_classes) < SIZE_BLEND_STRENGTH]
+        res["weak"] = {"tasks": len(weak)}
+        for name, per in (("dass", keys["dass"]), ("params", keys["params"]),
+                          ("flops", [t.flops.astype(float) for t in tasks])):
+            sp = {tasks[i].task_id: round(float(spearman(per[i], tasks[i].acc.numpy())), 4) for i in weak}
+            res["weak"][name] = {"spearman": round(float(np.mean(list(sp.values()))), 4) if sp else None,
+                                 "below_zero": sum(v < 0 for v in sp.values()), "per_task": sp}
         out["roles"][role] = res
         print(f"{role} ({len(tasks)} tasks): " + ", ".join(f"{k} {v['spearman']:.3f} / {v['trials']:.2f}"
-                                                          for k, v in res.items() if k != "tasks"), file=sys.stderr)
+                                                          for k, v in res.items() if k not in ("tasks", "weak")),
+              file=sys.stderr)
+        w = res["weak"]
+        print(f"  weak teacher (strength < {SIZE_BLEND_STRENGTH}, {w['tasks']} tasks): " + ", ".join(
+            f"{k} {w[k]['spearman']} ({w[k]['below_zero']} below 0)" for k in ("dass", "params", "flops")),
+            file=sys.stderr)
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))
