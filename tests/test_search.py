@@ -225,6 +225,7 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert cands.num_rows == 40 and len(trials) == 2
     # the default order: the predictor's ranking, blended with parameter count under a teacher well above chance
     teacher_acc = json.loads((out / "result.json").read_text())["teacher_acc"]
+    assert teacher_acc > 0.9 and not [w for w in result.warnings if "near chance" in w], result.warnings
     key = size_blend(cands["predicted_acc"].to_numpy(), cands["params"].to_numpy(), teacher_acc, 10)
     first = np.argsort(-key, kind="mergesort")
     assert cands["rank"].to_numpy()[first].tolist() == list(range(40))
@@ -263,6 +264,21 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert any("resumed: candidates already scored" in e["message"] for e in new)
     assert sum(1 for e in new if e["stage"] == "kd" and "measured" in e["message"]) == 1
     assert len(pq.read_table(out / "trials.parquet")) == 2 and (out / "result.json").exists()
+
+
+def test_a_near_chance_teacher_is_warned_about():
+    from dass_ray.core.ranking import NEAR_CHANCE_STRENGTH, teacher_strength
+    from dass_ray.offline.labelgen import near_chance_warning
+    from dass_ray.search import near_chance_teacher_warning
+
+    w = near_chance_teacher_warning(0.23, 5)  # sign digits s74's teacher: 0.04 of the way from chance
+    assert w is not None and "0.230" in w and "0.200 for 5 classes" in w and "--top-k" in w
+    assert near_chance_teacher_warning(0.52, 6) is None and near_chance_teacher_warning(0.959, 10) is None
+    # one rule for the search and for labelling: a quarter of the way from chance to perfect
+    for acc, classes in ((0.39, 5), (0.41, 5), (0.3, 10), (0.33, 10), (0.0875, 40)):
+        weak = teacher_strength(acc, classes) < NEAR_CHANCE_STRENGTH
+        assert (near_chance_teacher_warning(acc, classes) is not None) == weak == (
+            near_chance_warning(acc, classes) is not None), (acc, classes)
 
 
 def test_teacher_outside_the_meta_training_range_is_warned_about():

@@ -107,6 +107,17 @@ def teacher_strength(teacher_acc: float, num_classes: int) -> float:
     return float(max(0.0, (teacher_acc - chance) / (1.0 - chance)))
 
 
+# A teacher less than a quarter of the way from chance to perfect is "near chance": its soft labels carry little
+# beyond the hard labels, and on meta-training tasks with such teachers no ranking we have (the predictor's,
+# parameter count, FLOPs) was reliably above zero (scripts/fit_order.py, key "weak"). Labelling and the search
+# warn about one.
+NEAR_CHANCE_STRENGTH = 0.25
+
+
+def near_chance(teacher_acc: float, num_classes: int) -> bool:
+    return teacher_strength(teacher_acc, num_classes) < NEAR_CHANCE_STRENGTH
+
+
 def size_blend(scores, params, teacher_acc: float, num_classes: int,
                strength: float = SIZE_BLEND_STRENGTH) -> np.ndarray:
     """An order key (higher first) over one pool of students: the predictor's rank alone under a weak teacher; the

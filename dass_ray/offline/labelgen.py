@@ -26,6 +26,7 @@ from dass_ray.offline.metadataset import MetaDatasetStore, TaskContext, atomic_w
 from dass_ray.offline.plans import TaskGroup, make_tasks
 from dass_ray.search.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
 from dass_ray.search.rayutil import Progress
+from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import get_space
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,10 +294,9 @@ def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, da
 def near_chance_warning(acc: float, num_classes: int) -> str | None:
     """A line for a teacher that has gone less than a quarter of the way from chance to perfect, else None: its
     soft labels carry little beyond the hard labels, so its students' KD accuracies say little about distillation."""
-    chance = 1.0 / num_classes
-    if acc < chance + 0.25 * (1.0 - chance):
-        return (f"the teacher's validation accuracy {acc:.3f} is near chance ({chance:.3f} for {num_classes} "
-                f"classes); its students are labelled anyway")
+    if near_chance(acc, num_classes):
+        return (f"the teacher's validation accuracy {acc:.3f} is near chance ({1.0 / num_classes:.3f} for "
+                f"{num_classes} classes); its students are labelled anyway")
     return None
 
 

@@ -7,6 +7,7 @@ import importlib
 
 _EXPORTS = {"SearchConfig": "inputs", "Prepared": "inputs", "prepare": "inputs", "InputError": "inputs",
             "DEFAULT_TEACHER": "inputs", "DEFAULT_PREDICTOR": "inputs", "teacher_range_warning": "inputs",
+            "near_chance_teacher_warning": "inputs",
             "DaSSSearcher": "searcher", "SearchRun": "run", "EventLog": "run", "kd_trainable": "trainable"}
 __all__ = sorted(_EXPORTS)
 

@@ -10,6 +10,7 @@ from dass_ray.core.config import ScaleConfig, get_scale
 from dass_ray.core.data import DatasetError, bundled_path
 from dass_ray.core.kd import TeacherCheckpoint, TensorData, load_teacher
 from dass_ray.core.meta import MetaSGD, load_predictor
+from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import SpaceConfig, get_space
 from dass_ray.core.tasks import dataset_task
 from dass_ray.fileutil import resolve_storage
@@ -120,6 +121,16 @@ def prepare(cfg: SearchConfig) -> Prepared:
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
     return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}))
+
+
+def near_chance_teacher_warning(teacher_acc: float, num_classes: int) -> str | None:
+    """A warning when the teacher is near chance (`dass_ray.core.ranking.near_chance`): on meta-training tasks with
+    such teachers the predicted order was barely better than chance, so the top-k are not likely the best."""
+    if not near_chance(teacher_acc, num_classes):
+        return None
+    return (f"teacher accuracy {teacher_acc:.3f} is near chance ({1.0 / num_classes:.3f} for {num_classes} classes): "
+            f"under such teachers no student ranking was reliable on the meta-training tasks (README, 'More "
+            f"near-chance teachers'); distil more candidates (--top-k) or bring a better-trained teacher")
 
 
 def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:

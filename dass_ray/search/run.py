@@ -26,7 +26,7 @@ from dass_ray.core.nets import build
 from dass_ray.core.predictor import PredictorBatch
 from dass_ray.core.ranking import order_key
 from dass_ray.core.space import ArchConfig
-from dass_ray.search.inputs import Prepared, teacher_range_warning
+from dass_ray.search.inputs import Prepared, near_chance_teacher_warning, teacher_range_warning
 from dass_ray.search.rayutil import Progress
 from dass_ray.search.report import write_report
 from dass_ray.search.resources import max_cluster_cpus
@@ -102,7 +102,8 @@ class SearchRun:
                              f"{len(p.data.y_train)} train / {len(p.data.y_val)} val images")
             teacher = self._teacher()
             self.teacher = teacher
-            self.warnings = [w for w in [teacher_range_warning(teacher.val_acc, p.predictor_meta)] if w]
+            self.warnings = [w for w in [teacher_range_warning(teacher.val_acc, p.predictor_meta),
+                                         near_chance_teacher_warning(teacher.val_acc, p.data.num_classes)] if w]
             for w in self.warnings:
                 print(f"warning: {w}", file=sys.stderr, flush=True)
                 self.events.emit("validate", 1, 1, f"warning: {w}")
