@@ -42,6 +42,9 @@ def main(argv=None) -> int:
                          "relative to the teacher's (what --adaptation none uses)")
     ap.add_argument("--task-weight", default="equal", choices=["equal", "spread"],
                     help="equal (default) or spread: each task's MSE divided by the variance of its accuracies")
+    ap.add_argument("--teachers", default="all", choices=["all", "weak", "strong"],
+                    help="meta-train and select on the tasks whose teacher is weak (strength below the search's "
+                         "size-blend threshold, dass_ray.core.ranking.SIZE_BLEND_STRENGTH), strong, or all (default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--address", default=None)
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     from dass_ray.offline.metadataset import code_version, load_meta_tasks, machine
     from dass_ray.offline.metatrain import MetaTrainConfig, evaluate, new_model
     from dass_ray.core.meta import save_predictor
+    from dass_ray.offline.metatrain import by_teacher
     from dass_ray.offline.metatrain_ray import meta_train
     from dass_ray.search.rayutil import init_ray
     from dass_ray.core.space import get_space
@@ -64,8 +68,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    train, val = by_teacher(train, args.teachers), by_teacher(val, args.teachers)
     if not train:
-        print(f"error: {args.metadataset}: no meta-training task has finished students yet", file=sys.stderr)
+        which = f" with a {args.teachers} teacher" if args.teachers != "all" else ""
+        print(f"error: {args.metadataset}: no meta-training task{which} has finished students yet", file=sys.stderr)
         return 2
     space = get_space(scale.space)
     cfg = MetaTrainConfig(episodes=args.episodes or scale.meta_episodes, lr=args.lr or scale.meta_lr,
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
     ev = evaluate(model, val, cfg.adapt)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "code_version": code_version(),
             "machine": machine(), "wall_s": round(wall, 1), "config": cfg.to_dict(), "workers": args.workers,
-            "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
+            "teachers": args.teachers, "train_tasks": [t.task_id for t in train], "val_tasks": [t.task_id for t in val],
             "students_per_train_task": {t.task_id: len(t.acc) for t in train},
             "train_teacher_acc_range": [min(t.teacher_acc for t in train), max(t.teacher_acc for t in train)],
             "adaptation": cfg.adaptation, **({"inner_clip": cfg.inner_clip} if cfg.adaptation == "clip" else {}),

@@ -303,3 +303,21 @@ def test_spread_weighting_divides_each_task_by_the_variance_of_its_accuracies():
         task_scale(t, "median")
     with pytest.raises(ValueError, match="train_adaptation"):
         episode_loss_sum(m, [t], [0], 0, 0, n, train_adaptation="gate")
+
+
+def test_teacher_sets_split_the_tasks_at_the_search_s_weak_teacher_threshold():
+    from types import SimpleNamespace
+
+    from dass_ray.core.ranking import SIZE_BLEND_STRENGTH
+    from dass_ray.offline.metatrain import by_teacher
+
+    # 5 classes: chance 0.2; strength = (acc - 0.2) / 0.8, threshold 0.3 <=> accuracy 0.44
+    edge = 0.2 + SIZE_BLEND_STRENGTH * 0.8
+    tasks = [SimpleNamespace(task_id=n, teacher_acc=a, num_classes=5)
+             for n, a in (("chance", 0.2), ("below", edge - 0.01), ("edge", edge + 1e-9), ("strong", 0.95))]
+    ids = lambda ts: [t.task_id for t in ts]  # noqa: E731
+    assert ids(by_teacher(tasks, "weak")) == ["chance", "below"]
+    assert ids(by_teacher(tasks, "strong")) == ["edge", "strong"]
+    assert ids(by_teacher(tasks)) == ids(tasks)
+    with pytest.raises(ValueError, match="teachers must be one of"):
+        by_teacher(tasks, "medium")

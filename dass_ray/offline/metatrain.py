@@ -16,6 +16,7 @@ import torch
 from dass_ray.core.meta import MetaSGD, kendall, make_model, spearman, teacher_support
 from dass_ray.offline.metadataset import MetaTask
 from dass_ray.core.predictor import PredictorBatch
+from dass_ray.core.ranking import SIZE_BLEND_STRENGTH, teacher_strength
 from dass_ray.core.space import SpaceConfig
 
 def query_indices(n: int, size: int, seed: int, episode: int, task_index: int) -> np.ndarray:
@@ -113,6 +114,20 @@ class MetaTrainConfig:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+TEACHER_SETS = ("all", "weak", "strong")
+
+
+def by_teacher(tasks: list, which: str = "all") -> list:
+    """The tasks whose teacher is weak (strength below the search's size-blend threshold,
+    `core.ranking.SIZE_BLEND_STRENGTH`: where the search orders by the predictor alone), strong, or all."""
+    if which not in TEACHER_SETS:
+        raise ValueError(f"teachers must be one of {TEACHER_SETS}, got {which!r}")
+    if which == "all":
+        return list(tasks)
+    return [t for t in tasks
+            if (teacher_strength(t.teacher_acc, t.num_classes) < SIZE_BLEND_STRENGTH) == (which == "weak")]
 
 
 def new_model(space: SpaceConfig, cfg: MetaTrainConfig, train: list[MetaTask]) -> MetaSGD:
