@@ -6,13 +6,16 @@ best of the blended order, beside the predictor's order alone (`dass`) and param
 meta-training tasks (where the threshold is fit) and on the meta-validation tasks (which decide whether the blend
 is the default). Never on the meta-test tasks. Tasks whose students all measured the same are skipped.
 Also, per role, the tasks whose teacher is weak (strength below the chosen threshold, where the order is the
-predictor's alone): how the predictor, parameter count and FLOPs rank there, and on how many tasks each is below 0.
+predictor's alone): how the predictor, parameter count, FLOPs and teacher-likeness (the cosine similarity of a
+student's functional embedding to the teacher's) rank there, on how many tasks each is below 0, and per task the
+students' mean accuracy minus the teacher's and the Spearman between the predictor's score and teacher-likeness.
 
     python scripts/fit_order.py --output artifacts/order_fit.json
 
 Last line: one JSON object {"roles": {role: {"tasks": n, "dass": {...}, "params": {...},
 "dass_size@<threshold>": {"spearman": mean, "trials": mean}, "weak": {"tasks": n, "dass": {"spearman": mean,
-"below_zero": n, "per_task": {...}}, "params": {...}, "flops": {...}}}}, "chosen": threshold}.
+"below_zero": n, "per_task": {...}}, "params": {...}, "flops": {...}, "teacher_likeness": {...},
+"students_minus_teacher": {task: x}, "dass_vs_teacher_likeness": {task: r}}}}, "chosen": threshold}.
 """
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6)
+
+
+def teacher_likeness(t) -> np.ndarray:
+    """Per student: the cosine similarity of its functional embedding (remapped from the teacher) to the teacher's."""
+    import torch
+
+    return torch.nn.functional.cosine_similarity(t.maps.flatten(1), t.teacher_map.flatten(1)).numpy()
 
 
 def main(argv=None) -> int:
@@ -67,17 +77,23 @@ def main(argv=None) -> int:
         weak = [i for i, t in enumerate(tasks) if teacher_strength(t.teacher_acc, t.num_classes) < SIZE_BLEND_STRENGTH]
         res["weak"] = {"tasks": len(weak)}
         for name, per in (("dass", keys["dass"]), ("params", keys["params"]),
-                          ("flops", [t.flops.astype(float) for t in tasks])):
+                          ("flops", [t.flops.astype(float) for t in tasks]),
+                          ("teacher_likeness", [teacher_likeness(t) for t in tasks])):
             sp = {tasks[i].task_id: round(float(spearman(per[i], tasks[i].acc.numpy())), 4) for i in weak}
             res["weak"][name] = {"spearman": round(float(np.mean(list(sp.values()))), 4) if sp else None,
                                  "below_zero": sum(v < 0 for v in sp.values()), "per_task": sp}
+        res["weak"]["students_minus_teacher"] = {
+            tasks[i].task_id: round(float(tasks[i].acc.mean()) - tasks[i].teacher_acc, 4) for i in weak}
+        res["weak"]["dass_vs_teacher_likeness"] = {
+            tasks[i].task_id: round(float(spearman(keys["dass"][i], teacher_likeness(tasks[i]))), 4) for i in weak}
         out["roles"][role] = res
         print(f"{role} ({len(tasks)} tasks): " + ", ".join(f"{k} {v['spearman']:.3f} / {v['trials']:.2f}"
                                                           for k, v in res.items() if k not in ("tasks", "weak")),
               file=sys.stderr)
         w = res["weak"]
         print(f"  weak teacher (strength < {SIZE_BLEND_STRENGTH}, {w['tasks']} tasks): " + ", ".join(
-            f"{k} {w[k]['spearman']} ({w[k]['below_zero']} below 0)" for k in ("dass", "params", "flops")),
+            f"{k} {w[k]['spearman']} ({w[k]['below_zero']} below 0)"
+            for k in ("dass", "params", "flops", "teacher_likeness")),
             file=sys.stderr)
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
