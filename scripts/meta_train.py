@@ -54,9 +54,8 @@ def main(argv=None) -> int:
 
     from dass_ray.core.config import get_scale
     from dass_ray.offline.metadataset import code_version, load_meta_tasks, machine
-    from dass_ray.offline.metatrain import MetaTrainConfig, evaluate, new_model
+    from dass_ray.offline.metatrain import MetaTrainConfig, by_teacher, evaluate, new_model
     from dass_ray.core.meta import save_predictor
-    from dass_ray.offline.metatrain import by_teacher
     from dass_ray.offline.metatrain_ray import meta_train
     from dass_ray.search.rayutil import init_ray
     from dass_ray.core.space import get_space
