@@ -4,10 +4,14 @@
 Also the KD step's achieved compute rate on the cached path: each training image costs ~3x the student's forward
 FLOPs (forward + backward for activations and weights) and each validation image once per epoch, counted from the
 space's analytic forward FLOPs (2 x MAC); `kd_ratio` = that rate / the dense fp32 matmul peak measured in the same
-process (best of a few 2048^3 matmuls, before and after the timed passes).
+process on the same device (best of a few 2048^3 matmuls on the CPU, 8192^3 on a GPU, before and after the timed
+passes).
+
+`--device cuda` runs it all on a GPU (`auto`: a GPU when torch sees one); `--space paper` uses the authors' 64x64,
+width x2 space instead of ours (the scale a GPU is for); `--batch-size` overrides the KD recipe's 64.
 
 Last line: one JSON object with cached_img_per_s, naive_img_per_s, speedup, kd_achieved_gflops,
-matmul_peak_gflops, kd_ratio and the setup.
+matmul_peak_gflops, kd_ratio and the setup (device, space, batch size).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 from dass_ray.core.config import get_scale
 from dass_ray.core.data import bundled_path, load_dataset
 from dass_ray.core.tasks import load_task_data, make_class_subset_tasks
-from dass_ray.core.kd import TensorData, compute_soft_labels, train_kd
+from dass_ray.core.kd import TensorData, compute_soft_labels, resolve_device, train_kd
 from dass_ray.core.nets import build
 from dass_ray.core.space import get_space
 
@@ -35,35 +39,43 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    ap.add_argument("--space", default="cpu", choices=["cpu", "paper"])
+    ap.add_argument("--batch-size", type=int, default=None, help="KD batch size (default: the recipe's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        ap.error(f"--device {args.device}: {e}")
     ds = load_dataset(bundled_path("mnist5k"))
     task = make_class_subset_tasks(ds, source="mnist5k", path="mnist5k", num_tasks=1, classes_per_task=5,
                                    train_per_class=args.train_per_class, val_per_class=20, seed=args.seed,
                                    prefix="bench")[0]
     tr, va = load_task_data(task, ds)
-    data = TensorData.from_datasets(tr, va, 32)
-    space = get_space("cpu", data.num_classes)
+    data = TensorData.from_datasets(tr, va, get_space(args.space).image_size)
+    space = get_space(args.space, data.num_classes)
     teacher = build(space.teacher(), space, seed=args.seed).eval()  # weights do not change the cost
     sd = teacher.state_dict()
-    cfg = get_scale("cpu").kd.__class__(**{**get_scale("cpu").kd.to_dict(), "epochs": args.epochs})
+    kd = get_scale("cpu").kd
+    cfg = kd.__class__(**{**kd.to_dict(), "epochs": args.epochs, "batch_size": args.batch_size or kd.batch_size})
     archs = space.sample_many(np.random.default_rng(args.seed), args.students)
     n_img = len(data.y_train) * args.epochs * len(archs)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=str(device))
     t0 = time.perf_counter()
-    soft = compute_soft_labels(teacher, data.x_train, views=2 if cfg.flip else 1)
+    soft = compute_soft_labels(teacher, data.x_train, views=2 if cfg.flip else 1, device=device)
     t_soft = time.perf_counter() - t0
     timings = {}
     for mode in ("naive", "cached"):  # interleaving would not change much; both see the same machine state
         t0 = time.perf_counter()
         for a in archs:
             if mode == "cached":
-                r = train_kd(a, space, sd, data, cfg, seed=args.seed, soft=soft)
+                r = train_kd(a, space, sd, data, cfg, seed=args.seed, soft=soft, device=device)
             else:
-                r = train_kd(a, space, sd, data, cfg, seed=args.seed, teacher=teacher)
+                r = train_kd(a, space, sd, data, cfg, seed=args.seed, teacher=teacher, device=device)
             assert r.ok, r.reason
         timings[mode] = time.perf_counter() - t0
-    peak = max(peak, matmul_peak_gflops())
+    peak = max(peak, matmul_peak_gflops(device=str(device)))
     cached_total = timings["cached"] + t_soft  # the one-off teacher pass is charged to the cached path
     kd_flops = sum(args.epochs * (3 * len(data.y_train) + len(data.y_val)) * space.flops(a) for a in archs)
     out = {
@@ -74,7 +86,8 @@ def main(argv=None) -> int:
         "matmul_peak_gflops": round(peak, 1),
         "kd_ratio": round(kd_flops / timings["cached"] / 1e9 / peak, 4),
         "soft_label_s": round(t_soft, 3), "students": len(archs), "images_per_student": len(data.y_train) * args.epochs,
-        "threads": args.threads, "teacher_mflops": round(space.flops(space.teacher()) / 1e6, 1),
+        "threads": args.threads, "device": str(device), "space": args.space, "batch_size": cfg.batch_size,
+        "image_size": space.image_size, "teacher_mflops": round(space.flops(space.teacher()) / 1e6, 1),
         "mean_student_mflops": round(float(np.mean([space.flops(a) for a in archs])) / 1e6, 1),
     }
     print(json.dumps(out))

@@ -75,17 +75,24 @@ def random_teacher(space: SpaceConfig, seed: int = 0) -> dict[str, torch.Tensor]
     return {k: v.detach().clone() for k, v in net.eval().state_dict().items()}
 
 
-def matmul_peak_gflops(size: int = 2048, reps: int = 5) -> float:
-    """Best-of-`reps` dense fp32 matmul rate in this process (GFLOP/s)."""
+def matmul_peak_gflops(size: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    """Best-of-`reps` dense fp32 matmul rate in this process on `device` (GFLOP/s; on CUDA with torch's default
+    matmul precision, i.e. no TF32, and 8192^3 products so that one product outlasts its launch)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        size = max(size, 8192)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=g)
-    b = torch.randn(size, size, generator=g)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=g).to(dev)
+    b = torch.randn(size, size, generator=g).to(dev)
+    out = torch.empty(size, size, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.mm(a, b, out=out)  # warm-up
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best / 1e9
 

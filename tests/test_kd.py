@@ -9,8 +9,13 @@ from dass_ray.core.config import KDConfig, TeacherConfig
 from dass_ray.core.data import bundled_path, load_dataset
 from dass_ray.core.tasks import load_task_data, make_class_subset_tasks
 from dass_ray.core.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, kd_loss, load_teacher,
-                         round_half, save_teacher, train_kd, train_teacher)
+                         resolve_device, round_half, save_teacher, train_kd, train_teacher)
 from dass_ray.core.space import get_space
+
+
+# Bit-exactness (cached vs live logits, reruns, resume) is a claim about the CPU; on a GPU, cuDNN's algorithms make a
+# run match it only to within float noise, which the GPU test at the end checks.
+EXACT = "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_teacher_learns_real_data(trained_teacher):
 
 def test_cached_logits_equal_teacher_in_loop(mnist_task, trained_teacher):
     space, teacher, _ = trained_teacher
-    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    soft = compute_soft_labels(teacher, mnist_task.x_train, device=EXACT)
     idx = torch.arange(0, 40)
     flips = torch.rand(40, generator=torch.Generator().manual_seed(1)) < 0.5
     with torch.no_grad():
@@ -59,8 +64,8 @@ def test_cached_logits_equal_teacher_in_loop(mnist_task, trained_teacher):
     arch = space.smallest()
     for flip in (False, True):  # same KD loss, step by step, with augmentation off and with the cached flip view
         cfg = KDConfig(epochs=1, batch_size=32, flip=flip)
-        a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, soft=soft)
-        b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, teacher=teacher)
+        a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, soft=soft, device=EXACT)
+        b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, teacher=teacher, device=EXACT)
         assert a.ok and b.ok
         for k in ("loss", "kd_loss", "task_loss"):
             assert math.isclose(a.history[0][k], b.history[0][k], rel_tol=1e-4), (flip, k)
@@ -82,15 +87,15 @@ def test_soft_label_file_round_trip(tmp_path, mnist_task, trained_teacher):
 
 def test_kd_beats_chance_and_is_deterministic(mnist_task, trained_teacher):
     space, teacher, _ = trained_teacher
-    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    soft = compute_soft_labels(teacher, mnist_task.x_train, device=EXACT)
     arch = space.sample(np.random.default_rng(0))
     cfg = KDConfig(epochs=3, batch_size=32)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
+    a = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft, device=EXACT)
     assert torch.equal(torch.get_rng_state(), state)  # seeded by its argument, the caller's RNG untouched
     torch.manual_seed(456)  # ... and not reading it either
-    b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft)
+    b = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft, device=EXACT)
     assert a.ok and a.best_acc > 0.6, a.history  # chance 1/3
     assert a.best_acc == max(h["val_acc"] for h in a.history) and a.final_acc == a.history[-1]["val_acc"]
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
@@ -98,10 +103,10 @@ def test_kd_beats_chance_and_is_deterministic(mnist_task, trained_teacher):
 
 def test_resume_from_reported_state_equals_uninterrupted(mnist_task, trained_teacher):
     space, teacher, _ = trained_teacher
-    soft = compute_soft_labels(teacher, mnist_task.x_train)
+    soft = compute_soft_labels(teacher, mnist_task.x_train, device=EXACT)
     arch = space.smallest()
     cfg = KDConfig(epochs=2, batch_size=32)
-    full = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft)
+    full = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft, device=EXACT)
 
     class StopAfterFirst(ListReporter):
         def report(self, metrics, state):
@@ -112,9 +117,9 @@ def test_resume_from_reported_state_equals_uninterrupted(mnist_task, trained_tea
 
     rep = StopAfterFirst()
     with pytest.raises(KeyboardInterrupt):
-        train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft, reporter=rep)
+        train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft, reporter=rep, device=EXACT)
     resumed = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=2, soft=soft,
-                       resume=rep.last_state)
+                       resume=rep.last_state, device=EXACT)
     strip = lambda h: [{k: v for k, v in r.items() if k != "wall_s"} for r in h]
     assert strip(resumed.history) == strip(full.history)
     assert all(torch.allclose(resumed.state_dict[k].float(), full.state_dict[k].float())
@@ -158,3 +163,57 @@ def test_teacher_checkpoint_round_trip_and_errors(tmp_path, trained_teacher, mni
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a dass_ray teacher checkpoint"):
         load_teacher(tmp_path / "other.pt")
+
+
+def test_device_choice_is_checked():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(RuntimeError):  # torch's own error names the bad string
+        resolve_device("gpu0")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+
+
+@needs_cuda
+def test_kd_and_teacher_on_gpu_match_cpu_and_hand_back_cpu_state(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft_cpu = compute_soft_labels(teacher, mnist_task.x_train, device="cpu")
+    soft_gpu = compute_soft_labels(teacher, mnist_task.x_train, device="cuda")
+    assert soft_gpu.logits.device.type == "cpu" and next(teacher.parameters()).device.type == "cpu"
+    assert torch.allclose(soft_gpu.logits, soft_cpu.logits, rtol=1e-2, atol=2e-2)
+    assert (soft_gpu.logits.argmax(-1) == soft_cpu.logits.argmax(-1)).float().mean() > 0.99
+    arch = space.sample(np.random.default_rng(0))
+    cfg = KDConfig(epochs=3, batch_size=32)
+    c = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft_cpu, device="cpu")
+
+    class StopAfterFirst(ListReporter):
+        def report(self, metrics, state):
+            super().report(metrics, state)
+            self.last_state = state()
+            if metrics["epoch"] == 1:
+                raise KeyboardInterrupt  # a killed trial
+
+    g = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft_cpu, device="cuda")
+    assert g.ok and g.device.startswith("cuda") and c.device == "cpu"
+    assert all(v.device.type == "cpu" for v in g.state_dict.values())
+    assert abs(g.history[0]["loss"] - c.history[0]["loss"]) < 0.05 * c.history[0]["loss"]  # same batches, same init
+    assert abs(g.best_acc - c.best_acc) <= 0.1 and g.best_acc > 0.6, (g.history, c.history)
+    rep = StopAfterFirst()
+    with pytest.raises(KeyboardInterrupt):
+        train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft_cpu, device="cuda",
+                 reporter=rep)
+    moments = [t for s in rep.last_state["optimizer"]["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor)]
+    assert moments and all(t.device.type == "cpu" for t in moments)  # a GPU checkpoint loads on a CPU node
+    resumed = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=5, soft=soft_cpu, device="cpu",
+                       resume=rep.last_state)
+    assert resumed.ok and [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.best_acc > 0.6
+    model, res = train_teacher(space, mnist_task, TeacherConfig(epochs=5, batch_size=32, lr=0.05), seed=0,
+                               device="cuda")  # the recipe of the CPU teacher in `trained_teacher`
+    assert res.ok and res.device.startswith("cuda") and next(model.parameters()).device.type == "cpu"
+    assert res.best_acc > 0.6 and abs(res.best_acc - trained_teacher[2].best_acc) <= 0.15, res.history

@@ -321,3 +321,28 @@ def test_teacher_sets_split_the_tasks_at_the_search_s_weak_teacher_threshold():
     assert ids(by_teacher(tasks)) == ids(tasks)
     with pytest.raises(ValueError, match="teachers must be one of"):
         by_teacher(tasks, "medium")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_shipped_predictor_scores_and_adapts_the_same_on_gpu():
+    from pathlib import Path
+
+    import dass_ray
+
+    space = get_space("cpu")
+    path = Path(dass_ray.__file__).parent / "assets" / "predictor" / "cpu.pt"
+    cpu, _ = load_predictor(path, space)
+    gpu, _ = load_predictor(path, space)
+    gpu = gpu.to("cuda")
+    cfg = cpu.predictor.cfg
+    g = torch.Generator().manual_seed(3)
+    q = PredictorBatch(torch.randn(300, cfg.feature_channels, space.feature_size, space.feature_size, generator=g),
+                       torch.randn(1, cfg.feature_channels, space.feature_size, space.feature_size, generator=g),
+                       torch.from_numpy(np.stack([space.encode(space.sample(np.random.default_rng(i)))
+                                                  for i in range(300)])).float())
+    sup = teacher_support(q.teacher_map, torch.from_numpy(space.encode(space.teacher())).float(), 0.8)
+    for support in (None, sup):
+        a = cpu.predict(support, q)
+        b = gpu.predict(None if support is None else support.to("cuda"), q.to("cuda")).cpu()
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)  # cuDNN may use TF32 for the encoder's convs
+        assert spearman(a.numpy(), b.numpy()) > 0.99

@@ -64,12 +64,31 @@ class TensorData:
                    to_tensor(val.images, image_size), torch.from_numpy(val.labels.copy()), tuple(train.class_names),
                    (*train.image_size, train.channels))
 
+    def to(self, device: str | torch.device) -> "TensorData":
+        """The same split with its four tensors on `device` (itself when they already are)."""
+        return dataclasses.replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                                   x_val=self.x_val.to(device), y_val=self.y_val.to(device))
+
     def fingerprint(self) -> str:
         """sha256 over the training tensor and labels (identifies what soft labels were computed on)."""
         h = hashlib.sha256()
-        h.update(self.x_train.numpy().tobytes())
-        h.update(self.y_train.numpy().tobytes())
+        h.update(self.x_train.cpu().numpy().tobytes())
+        h.update(self.y_train.cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None): the first CUDA device when torch sees one, else the CPU; otherwise `device` itself, checked.
+
+    Under Ray, a task or actor that was given no GPU sees none (Ray sets CUDA_VISIBLE_DEVICES), so 'auto' follows
+    the resources it was placed with."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device here "
+                         f"(torch {torch.__version__}); use 'cpu' or 'auto'")
+    return dev
 
 
 def _flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -167,16 +186,22 @@ class SoftLabels:
 
 @torch.no_grad()
 def compute_soft_labels(teacher: nn.Module, x: torch.Tensor, views: int = 2, batch_size: int = 500,
-                        meta: dict | None = None) -> SoftLabels:
-    """Run the teacher (eval mode) once over every training image and view."""
-    teacher.eval()
+                        meta: dict | None = None, device: str | torch.device | None = "auto") -> SoftLabels:
+    """Run the teacher (eval mode) once over every training image and view, on `device` (see `resolve_device`);
+    the logits come back on the CPU. The teacher is left on the device it came on."""
+    dev = resolve_device(device)
+    home = next(teacher.parameters()).device
+    teacher.eval().to(dev)
     outs = []
-    for v in range(views):
-        chunks = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size]
-            chunks.append(teacher(xb.flip(3) if v == 1 else xb).float())
-        outs.append(torch.cat(chunks))
+    try:
+        for v in range(views):
+            chunks = []
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i:i + batch_size].to(dev)
+                chunks.append(teacher(xb.flip(3) if v == 1 else xb).float().cpu())
+            outs.append(torch.cat(chunks))
+    finally:
+        teacher.to(home)
     return SoftLabels(torch.stack(outs).contiguous(), dict(meta or {}))
 
 
@@ -213,8 +238,9 @@ class TrainResult:
     wall_s: float
     reason: str = ""
     history: list[dict] = field(default_factory=list)
-    state_dict: dict | None = None  # final weights
-    best_state_dict: dict | None = None  # weights of the best validation epoch
+    state_dict: dict | None = None  # final weights (on the CPU)
+    best_state_dict: dict | None = None  # weights of the best validation epoch (on the CPU)
+    device: str = "cpu"  # where it trained
 
     @property
     def ok(self) -> bool:
@@ -227,11 +253,24 @@ class TrainResult:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Accuracy of `model` on (x, y), batches moved to the model's device; one host sync at the end."""
     model.eval()
-    correct = 0
+    dev = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=dev)
     for i in range(0, x.shape[0], batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-    return correct / max(1, x.shape[0])
+        correct += (model(x[i:i + batch_size].to(dev)).argmax(1) == y[i:i + batch_size].to(dev)).sum()
+    return int(correct) / max(1, x.shape[0])
+
+
+def _to_cpu(obj):
+    """Tensors anywhere inside dicts/lists/tuples moved to the CPU (portable checkpoints of a GPU run)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _cosine(total_steps: int):
@@ -241,9 +280,16 @@ def _cosine(total_steps: int):
 def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr: float, momentum: float,
          weight_decay: float, flip: bool, eval_batch_size: int, seed: int,
          loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict],
-         reporter: Reporter | None, resume: dict | None, max_grad_norm: float = 0.0) -> TrainResult:
-    """The shared SGD-Nesterov + per-step-cosine loop. loss_fn(logits, xb, yb, index, flips) -> loss dict."""
+         reporter: Reporter | None, resume: dict | None, max_grad_norm: float = 0.0,
+         device: str | torch.device | None = "auto") -> TrainResult:
+    """The shared SGD-Nesterov + per-step-cosine loop on `device` (`resolve_device`). loss_fn(logits, xb, yb, index,
+    flips) -> loss dict, every argument on that device. The shuffling and flips are drawn on the CPU from the seed,
+    so a run sees the same batches on any device; weights and states it hands out are on the CPU."""
     t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model.to(dev)
+    data = data.to(dev)
+    on_cpu = dev.type == "cpu"
     n = data.x_train.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
@@ -260,10 +306,12 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
         best_sd = resume.get("best_model")
 
     def snapshot() -> dict:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def state(epoch: int) -> Callable[[], dict]:
-        return lambda: {"model": snapshot(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        return lambda: {"model": snapshot(),
+                        "optimizer": opt.state_dict() if on_cpu else _to_cpu(opt.state_dict()),
+                        "scheduler": sched.state_dict(),
                         "history": list(history), "best_acc": best, "epoch": epoch, "best_model": best_sd}
 
     for epoch in range(start, epochs):
@@ -271,10 +319,10 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
         g = torch.Generator().manual_seed(int(seed) * 1000003 + epoch)
         perm = torch.randperm(n, generator=g)
         flips_all = (torch.rand(n, generator=g) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
-        sums = {"loss": 0.0, "task_loss": 0.0, "kd_loss": 0.0}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", "task_loss", "kd_loss")}
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            flips = flips_all[idx]
+            idx = perm[i:i + batch_size].to(dev)
+            flips = flips_all[perm[i:i + batch_size]].to(dev)
             xb = _flip(data.x_train[idx], flips)
             yb = data.y_train[idx]
             losses = loss_fn(model(xb), xb, yb, idx, flips)
@@ -283,7 +331,7 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
                 return TrainResult("failed", best, history[-1]["val_acc"] if history else 0.0, epoch,
                                    time.perf_counter() - t0,
                                    reason=f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {i // batch_size}",
-                                   history=history)
+                                   history=history, device=str(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm > 0:
@@ -292,19 +340,19 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
             sched.step()
             for k in sums:
                 if k in losses:
-                    sums[k] += float(losses[k].detach()) * idx.numel()
+                    sums[k] += losses[k].detach().double() * idx.numel()
         acc = evaluate(model, data.x_val, data.y_val, eval_batch_size)
         if acc > best or best_sd is None:
             best_sd = snapshot()
         best = max(best, acc)
-        rec = {"epoch": epoch + 1, "val_acc": acc, "best_acc": best, **{k: v / n for k, v in sums.items()},
+        rec = {"epoch": epoch + 1, "val_acc": acc, "best_acc": best, **{k: float(v) / n for k, v in sums.items()},
                "lr": sched.get_last_lr()[0], "wall_s": time.perf_counter() - t0}
         history.append(rec)
         if reporter is not None:
             reporter.report(rec, state(epoch + 1))
     final = history[-1]["val_acc"] if history else 0.0
     return TrainResult("ok", best, final, epochs, time.perf_counter() - t0, history=history,
-                       state_dict=snapshot(), best_state_dict=best_sd)
+                       state_dict=snapshot(), best_state_dict=best_sd, device=str(dev))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,8 +361,10 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
 
 
 def train_teacher(space: SpaceConfig, data: TensorData, cfg: TeacherConfig, seed: int = 0,
-                  reporter: Reporter | None = None, resume: dict | None = None) -> tuple[nn.Module, TrainResult]:
-    """Train the space's teacher (its largest member) with label smoothing; returns (model, result)."""
+                  reporter: Reporter | None = None, resume: dict | None = None,
+                  device: str | torch.device | None = "auto") -> tuple[nn.Module, TrainResult]:
+    """Train the space's teacher (its largest member) with label smoothing on `device` (`resolve_device`); returns
+    (model on the CPU, result)."""
     if space.num_classes != data.num_classes:
         space = space.with_classes(data.num_classes)
     model = build(space.teacher(), space, seed=seed)
@@ -324,8 +374,8 @@ def train_teacher(space: SpaceConfig, data: TensorData, cfg: TeacherConfig, seed
 
     res = _fit(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                weight_decay=cfg.weight_decay, flip=cfg.flip, eval_batch_size=cfg.eval_batch_size, seed=seed,
-               loss_fn=loss_fn, reporter=reporter, resume=resume)
-    return model.eval(), res
+               loss_fn=loss_fn, reporter=reporter, resume=resume, device=device)
+    return model.cpu().eval(), res
 
 
 @dataclass
@@ -425,8 +475,8 @@ def init_student(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, teacher
 def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: TensorData, cfg: KDConfig,
              seed: int = 0, soft: SoftLabels | None = None, teacher: nn.Module | None = None,
              teacher_arch: ArchConfig | None = None, reporter: Reporter | None = None,
-             resume: dict | None = None) -> TrainResult:
-    """Distil the teacher into `arch` (initialised by remapping `teacher_sd`).
+             resume: dict | None = None, device: str | torch.device | None = "auto") -> TrainResult:
+    """Distil the teacher into `arch` (initialised by remapping `teacher_sd`) on `device` (`resolve_device`).
 
     Teacher logits come from `soft` (cached, the fast path) or from `teacher` run in the loop (the naive path).
     """
@@ -438,8 +488,9 @@ def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: Tenso
         raise ValueError(f"soft labels cover {soft.logits.shape[1]} samples; the training set has "
                          f"{data.x_train.shape[0]}")
     student = init_student(arch, space, teacher_sd, teacher_arch, cfg.remap, seed)
-    if teacher is not None:
-        teacher.eval()
+    dev = resolve_device(device)
+    if soft is not None:
+        soft = SoftLabels(soft.logits.to(dev), soft.meta)
 
     def loss_fn(logits, xb, yb, idx, flips):
         if soft is not None:
@@ -449,6 +500,13 @@ def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: Tenso
                 t_logits = teacher(xb)
         return kd_loss(logits, t_logits, yb, cfg.alpha, cfg.temperature)
 
-    return _fit(student, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, flip=cfg.flip, eval_batch_size=cfg.eval_batch_size, seed=seed,
-                loss_fn=loss_fn, reporter=reporter, resume=resume, max_grad_norm=cfg.max_grad_norm)
+    home = next(teacher.parameters()).device if teacher is not None else None
+    if teacher is not None:
+        teacher.eval().to(dev)
+    try:
+        return _fit(student, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, flip=cfg.flip, eval_batch_size=cfg.eval_batch_size, seed=seed,
+                    loss_fn=loss_fn, reporter=reporter, resume=resume, max_grad_norm=cfg.max_grad_norm, device=dev)
+    finally:
+        if teacher is not None:
+            teacher.to(home)

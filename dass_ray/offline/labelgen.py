@@ -25,7 +25,7 @@ from dass_ray.core.kd import (SoftLabels, TensorData, TrainResult, compute_soft_
 from dass_ray.offline.metadataset import MetaDatasetStore, TaskContext, atomic_write_text, code_version, machine, run_key, run_student, student_plan, student_row, task_data
 from dass_ray.offline.plans import TaskGroup, make_tasks
 from dass_ray.search.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
-from dass_ray.search.rayutil import Progress
+from dass_ray.search.rayutil import Progress, worker_device
 from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import get_space
 
@@ -47,7 +47,7 @@ def _teacher_loop(config: dict) -> None:
                 ray.train.report({k: float(v) for k, v in metrics.items()})
 
     model, res = train_teacher(config["space"], config["data"], scale.teacher, seed=config["seed"],
-                               reporter=_Rep())
+                               reporter=_Rep(), device=worker_device())
     with tempfile.TemporaryDirectory() as d:
         torch.save({"state_dict": model.state_dict(), "result": res.summary()}, Path(d) / "teacher.pt")
         ray.train.report({"best_acc": res.best_acc, "final_acc": res.final_acc, "epoch": res.epochs},
@@ -111,7 +111,8 @@ def _save_trained_teacher(tp: Path, task: TaskSpec, data: TensorData, scale: Sca
 def _student_remote(ctx: TaskContext, arch_json: str, scale: ScaleConfig, seed: int, replicate: int) -> dict:
     from dass_ray.core.space import ArchConfig
 
-    return run_student(ctx, ArchConfig.from_json(arch_json), scale, seed, replicate, threads=scale.threads_per_run)
+    return run_student(ctx, ArchConfig.from_json(arch_json), scale, seed, replicate, threads=scale.threads_per_run,
+                       device=worker_device())
 
 
 def build(output: str | Path, scale: ScaleConfig, groups: list[TaskGroup], *, data_root: str | Path | None = None,

@@ -91,13 +91,14 @@ class TaskContext:
 
 
 def run_student(ctx: TaskContext, arch: ArchConfig, scale: ScaleConfig, seed: int, replicate: int = 0,
-                threads: int | None = None) -> dict:
-    """KD-train one student and return its meta-dataset row (a failed run is a row with status 'failed')."""
+                threads: int | None = None, device: str = "auto") -> dict:
+    """KD-train one student on `device` (`dass_ray.core.kd.resolve_device`) and return its meta-dataset row (a
+    failed run is a row with status 'failed')."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        res = train_kd(arch, ctx.space, ctx.teacher_sd, ctx.data, scale.kd, seed=seed, soft=ctx.soft)
+        res = train_kd(arch, ctx.space, ctx.teacher_sd, ctx.data, scale.kd, seed=seed, soft=ctx.soft, device=device)
     except Exception as e:  # recorded, never fatal for the batch
         res = TrainResult("failed", 0.0, 0.0, 0, time.perf_counter() - t0, reason=f"{type(e).__name__}: {e}")
     return student_row(ctx, arch, seed, replicate, res, time.perf_counter() - t0)

@@ -11,6 +11,14 @@ import ray
 from dass_ray.fileutil import STORAGE_ENV, resolve_storage  # noqa: F401 - re-exported
 
 
+def worker_device() -> str:
+    """Where torch work in this Ray task/actor/worker runs: 'cuda' when Ray gave it a GPU, else 'cpu' (a CPU slot on
+    a GPU node must not take the node's GPU)."""
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Attach to `address` (a cluster) or start a local Ray instance; a no-op when already connected."""
     if ray.is_initialized():

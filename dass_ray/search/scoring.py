@@ -21,6 +21,7 @@ import torch
 from dass_ray.core.embed import Embedder
 from dass_ray.core.meta import MetaSGD, teacher_support
 from dass_ray.core.predictor import PredictorBatch
+from dass_ray.search.rayutil import worker_device
 from dass_ray.search.resources import ray_options
 from dass_ray.core.space import ArchConfig, SpaceConfig
 
@@ -65,7 +66,7 @@ class PredictorActor:
 
     def __init__(self, threads: int = 1):
         torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.device = worker_device()
         self.model = None
 
     def load(self, predictor: list) -> None:

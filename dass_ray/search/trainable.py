@@ -8,6 +8,7 @@ from ray.tune import Callback
 
 from dass_ray.core.kd import train_kd
 from dass_ray.core.space import ArchConfig
+from dass_ray.search.rayutil import worker_device
 
 
 
@@ -34,7 +35,7 @@ def kd_trainable(config: dict, ctx: dict) -> None:
                             checkpoint=tune.Checkpoint.from_directory(d))
 
     res = train_kd(arch, ctx["space"], ctx["teacher_sd"], ctx["data"], ctx["kd"], seed=ctx["seed"],
-                   soft=ctx["soft"], reporter=_Rep(), resume=resume)
+                   soft=ctx["soft"], reporter=_Rep(), resume=resume, device=worker_device())
     if not res.ok:
         tune.report({"val_acc": res.final_acc, "best_acc": None, "epoch": res.epochs, "status": "failed",
                      "reason": res.reason})
