@@ -6,7 +6,8 @@ ranking blended with parameter count when the teacher is well above chance); `da
 (its own teacher-guided adaptation); DaSS with each other adaptation (`dass_step`, `dass_gate`, `dass_clip`,
 `dass_none`: no step); an architecture-only meta-predictor trained on the same meta-dataset (no functional
 embeddings: the non-distillation-aware baseline); FLOPs, parameter count, SynFlow and NASWOT computed on the
-remapped students; and random order (mean over 200 draws).
+remapped students; `kd_start`, minus the KD loss each remapped student starts distillation from
+(`dass_ray.core.kd.kd_start_loss`; artifacts/weak_signals); and random order (mean over 200 draws).
 Metrics per task: Spearman (with a 95% bootstrap interval over students), Kendall tau-b, top-1 / top-5 regret
 (accuracy points lost vs the best student of the pool), and for the predictors the mean absolute error between
 predicted and measured accuracy. The mean over tasks has a bootstrap interval over tasks and students, and the
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     from dass_ray.core.config import get_scale
     from dass_ray.core.tasks import load_tasks
     from dass_ray.core.kd import init_student, load_teacher
-    from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks, task_data
+    from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks, task_data, task_kd_start
     from dass_ray.offline.metatrain import MetaTrainConfig, predict_task, task_batches, train_local
     from dass_ray.core.meta import load_predictor
     from dass_ray.core.proxies import score_all
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
             arch_only, _ = train_local(space, train_tasks, val_tasks, cfg)
     specs = {t.task_id: t for t in load_tasks(root / "tasks.json")}
     store = MetaDatasetStore(root)
+    cache: dict = {}  # datasets loaded once
     from dass_ray.core.meta import ADAPTATIONS
 
     default_mode = dass.adaptation
@@ -118,17 +120,19 @@ def main(argv=None) -> int:
                 s[f"dass_{mode}"] = predict_task(dass, t, adapt=True)
                 dass.adaptation = default_mode
         mae[t.task_id] = {m: float(100 * np.mean(np.abs(v - acc))) for m, v in s.items()}
-        # dass_size: the default ranking blended with parameter count for a teacher well above chance (size_blend)
+        # dass_size: the predictor's ranking blended with parameter count for a teacher well above chance
         s["dass_size"] = size_blend(s["dass"], t.params, t.teacher_acc, t.num_classes)
         if arch_only is not None:
             s["arch_only"] = predict_task(arch_only, t, adapt=False)
         s.update({"flops": t.flops.astype(float), "params": t.params.astype(float)})
         ck = load_teacher(store.teacher_path(t.task_id)) if store.teacher_path(t.task_id).exists() else None
         if ck is not None:
-            data = task_data(specs[t.task_id], space.image_size, args.data_root)
+            data = task_data(specs[t.task_id], space.image_size, args.data_root, cache)
             x = data.x_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:args.proxy_batch]]
             models = [init_student(a, ck.space, ck.state_dict, ck.arch) for a in t.archs]
             s.update(score_all(models, x, space.image_size))
+            # kd_start: minus the KD loss each remapped student starts from
+            s["kd_start"] = -task_kd_start(store, specs[t.task_id], t, scale, args.data_root, cache)
         per = {m: ranking_metrics(v, acc) for m, v in s.items()}
         for m, ci in bootstrap_task(s, acc, args.bootstrap, seed=k).items():
             per[m]["spearman_ci"] = ci

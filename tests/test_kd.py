@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from dass_ray.core.config import KDConfig, TeacherConfig
 from dass_ray.core.data import bundled_path, load_dataset
 from dass_ray.core.tasks import load_task_data, make_class_subset_tasks
-from dass_ray.core.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, kd_loss, load_teacher,
-                         resolve_device, round_half, save_teacher, train_kd, train_teacher)
+from dass_ray.core.kd import (ListReporter, SoftLabels, TensorData, _flip, compute_soft_labels, init_student, kd_loss,
+                         kd_start_images, kd_start_loss, load_teacher, resolve_device, round_half, save_teacher, train_kd, train_teacher)
 from dass_ray.core.space import get_space
 
 
@@ -163,6 +163,33 @@ def test_teacher_checkpoint_round_trip_and_errors(tmp_path, trained_teacher, mni
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a dass_ray teacher checkpoint"):
         load_teacher(tmp_path / "other.pt")
+
+
+def test_kd_start_loss_is_the_loss_distillation_starts_from(mnist_task, trained_teacher):
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train, device=EXACT)
+    x, y = mnist_task.x_train, mnist_task.y_train
+    cfg = KDConfig(epochs=2, batch_size=32)
+    arch = space.sample(np.random.default_rng(1))
+    student = init_student(arch, space, teacher.state_dict(), None, cfg.remap, seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    got = kd_start_loss(student, x, y, soft.logits, cfg, batch_size=70)  # batches that do not divide 300 images
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # nothing trained, BN untouched
+    with torch.no_grad():  # the same loss in one pass over both views, written out
+        want = kd_loss(student.eval()(torch.cat([x, x.flip(3)])), soft.logits.reshape(-1, soft.logits.shape[-1]),
+                       y.repeat(2), cfg.alpha, cfg.temperature)["loss"]
+    assert got == pytest.approx(float(want), rel=1e-5)
+    # distillation lowers it: the distilled student starts from a smaller loss than its remapped init
+    res = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=0, soft=soft, device=EXACT)
+    student.load_state_dict(res.state_dict)
+    assert kd_start_loss(student, x, y, soft.logits, cfg) < got
+    with pytest.raises(ValueError, match=r"teacher logits \(2, 300, 3\) .* for 10 images"):
+        kd_start_loss(student, x[:10], y[:10], soft.logits, cfg)
+    # the images it is taken over: all up to the cap, else a seeded sample the same on every call
+    assert kd_start_images(300).tolist() == list(range(300))
+    few = kd_start_images(300, max_images=50)
+    assert len(few) == 50 and len(set(few.tolist())) == 50 and torch.equal(few, kd_start_images(300, 50))
+    assert torch.equal(few, few.sort().values) and few.max() < 300
 
 
 def test_device_choice_is_checked():

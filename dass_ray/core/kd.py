@@ -472,6 +472,42 @@ def init_student(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, teacher
     return student
 
 
+KD_START_IMAGES = 1000  # the most training images `kd_start_loss` is taken over (the meta-dataset's tasks have <= 1000)
+
+
+def kd_start_images(n: int, max_images: int = KD_START_IMAGES, seed: int = 0) -> torch.Tensor:
+    """Indices (sorted) of the training images the starting KD loss is taken over: all of them up to `max_images`,
+    else a seeded sample of that many."""
+    if n <= max_images:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+
+
+@torch.no_grad()
+def kd_start_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDConfig,
+                  batch_size: int = 500) -> float:
+    """The KD loss (`kd_loss` at cfg.alpha, cfg.temperature) of `student` as it is, BN in eval mode, against the
+    teacher's logits [V, N, C] for V views (0: identity, 1: horizontal flip, as `SoftLabels`) of the N images `x`
+    with labels `y`: for a student fresh from `init_student`, the loss distillation starts from. A proxy that
+    `scripts/evaluate.py` reports as `kd_start`: under a weak teacher a lower starting loss went with a better student
+    on the meta-training and meta-validation tasks, and not on the meta-test ones (artifacts/weak_signals)."""
+    if teacher_logits.dim() != 3 or teacher_logits.shape[1] != x.shape[0] or y.shape[0] != x.shape[0]:
+        raise ValueError(f"kd_start_loss: teacher logits {tuple(teacher_logits.shape)} (views, images, classes) for "
+                         f"{x.shape[0]} images and {y.shape[0]} labels")
+    student.eval()
+    dev = next(student.parameters()).device
+    total, n = 0.0, 0
+    for v in range(teacher_logits.shape[0]):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(dev)
+            logits = student(xb.flip(3) if v == 1 else xb)
+            loss = kd_loss(logits, teacher_logits[v, i:i + batch_size].to(dev), y[i:i + batch_size].to(dev),
+                           cfg.alpha, cfg.temperature)["loss"]
+            total += float(loss) * xb.shape[0]
+            n += xb.shape[0]
+    return total / max(1, n)
+
+
 def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: TensorData, cfg: KDConfig,
              seed: int = 0, soft: SoftLabels | None = None, teacher: nn.Module | None = None,
              teacher_arch: ArchConfig | None = None, reporter: Reporter | None = None,

@@ -332,3 +332,25 @@ def meta_tasks_from_rows(tasks: list[dict], st: list[dict], roles: tuple[str, ..
             seed_pairs=pairs if len(pairs) else None,
         ))
     return out
+
+
+def task_kd_start(store: MetaDatasetStore, spec: TaskSpec, task: MetaTask, scale: ScaleConfig,
+                  data_root: str | Path | None = None, cache: dict | None = None) -> np.ndarray | None:
+    """Per student of `task`, the KD loss its remapped student starts distillation from
+    (`dass_ray.core.kd.kd_start_loss` over `kd_start_images`), with the task's teacher and soft labels from `store`
+    (soft labels recomputed if absent). None when the store holds no teacher checkpoint for the task
+    (meta-training and validation teachers are not kept)."""
+    from dass_ray.core.kd import compute_soft_labels, init_student, kd_start_images, kd_start_loss, load_teacher
+
+    tp = store.teacher_path(task.task_id)
+    if not tp.exists():
+        return None
+    ck = load_teacher(tp)
+    data = task_data(spec, ck.space.image_size, data_root, cache)
+    sp = store.root / "soft" / f"{task.task_id}.parquet"
+    soft = (SoftLabels.load(sp, expect={"teacher": ck.digest(), "data": data.fingerprint()}) if sp.exists()
+            else compute_soft_labels(ck.model(), data.x_train, views=2 if scale.kd.flip else 1, device="cpu"))
+    idx = kd_start_images(len(data.y_train))
+    x, y, logits = data.x_train[idx], data.y_train[idx], soft.logits[:, idx]
+    return np.array([kd_start_loss(init_student(a, ck.space, ck.state_dict, ck.arch, scale.kd.remap), x, y, logits,
+                                   scale.kd) for a in task.archs])
