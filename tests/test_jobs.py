@@ -378,10 +378,10 @@ def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path,
     try:
         hist = r.history_dir("alice")
         history_from_metadataset(meta, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"], hist, students=20)
-        job, _ = r.submit("alice", "", J.RetrainSpec(episodes=30, seed=0))
+        job, _ = r.submit("alice", "", J.RetrainSpec(episodes=12, seed=0))
         j = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j or (j.stage == "retrain" and j.done >= 3
                                                                                and j), 600, "the first checkpoint")
-        assert not j.terminal and j.done < 30, f"the retrain ended before it could be interrupted: {j.error}"
+        assert not j.terminal and j.done < 12, f"the retrain ended before it could be interrupted: {j.error}"
         os.killpg(json.loads(j.handle)["pid"], signal.SIGKILL)  # launcher and retrain die; no exit file
         _kill_all(local_env)  # and the retrain's own local Ray instance with them
         final = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j, 600, "the resumed retrain")
@@ -389,7 +389,7 @@ def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path,
         r.stop()
     assert final.state == J.SUCCEEDED and final.attempts == 2, final.error
     out = json.loads((r.output_dir(job.job_id) / "retrain.json").read_text())
-    assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 30
+    assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 12
     versions = sorted(p.name for p in (hist / "predictors").glob("v*.pt"))
     assert versions == ["v1.pt"]
     assert json.loads((hist / "predictors" / "v1.json").read_text()) == out
@@ -398,5 +398,5 @@ def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path,
     stages = [e.stage for e in evs]
     i = stages.index("resumed")
     progress_after = [e.done for e in evs[i:] if e.stage == "retrain"]
-    assert progress_after and progress_after[0] > 3 and progress_after[-1] == 30  # no episode redone from 0
+    assert progress_after and progress_after[0] > 3 and progress_after[-1] == 12  # no episode redone from 0
     assert evs[-1].stage == "done" and "v1" in evs[-1].message

@@ -25,7 +25,7 @@ from dass_ray.core.kd import (SoftLabels, TensorData, TrainResult, compute_soft_
 from dass_ray.offline.metadataset import MetaDatasetStore, TaskContext, atomic_write_text, code_version, machine, run_key, run_student, student_plan, student_row, task_data
 from dass_ray.offline.plans import TaskGroup, make_tasks
 from dass_ray.search.resources import max_cluster_cpus, ray_options, scaling_config_kwargs
-from dass_ray.search.rayutil import Progress, worker_device
+from dass_ray.search.rayutil import Progress, quick_train_polls, worker_device
 from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import get_space
 
@@ -61,6 +61,7 @@ def train_teacher_on_ray(task: TaskSpec, data: TensorData, scale: ScaleConfig, s
     from ray.train.torch import TorchTrainer
 
     space = get_space(scale.space, data.num_classes)
+    quick_train_polls()
     trainer = TorchTrainer(
         _teacher_loop,
         train_loop_config={"scale": scale, "space": space, "data": data, "seed": seed, "threads": cpus},

@@ -117,6 +117,9 @@ def meta_train(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], c
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dass_ray.search.rayutil import quick_train_polls
+
+    quick_train_polls()
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"cfg": cfg, "space": space, "train": train, "val": val, "threads": threads,

@@ -19,6 +19,18 @@ def worker_device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+# Ray Train's controller polls its worker group every 2 s by default; a run ends only at the next poll after its
+# last report. Our Train runs include teachers that train for seconds (small tasks, weak teachers on purpose), where
+# that wait and the start-up polls were a fifth of the run (measured: 17.5 s -> 14 s for a one-epoch teacher at
+# 0.25 s). Set before each `TorchTrainer` is built, in the process that drives it (Ray Train passes it on to its
+# controller); a value already in the environment wins.
+TRAIN_POLL_S = "0.5"
+
+
+def quick_train_polls() -> None:
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Attach to `address` (a cluster) or start a local Ray instance; a no-op when already connected."""
     if ray.is_initialized():
