@@ -255,7 +255,10 @@ class SearchRun:
         tuner = Tuner(
             trainable,
             tune_config=TuneConfig(search_alg=searcher, num_samples=remaining, metric="best_acc", mode="max",
-                                   scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent or max(1, cpus)),
+                                   scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent or max(1, cpus),
+                                   # a finished trial's process (torch and this package already imported)
+                                   # runs the next one: 4 sequential tiny trials 20 s -> 13 s, same results
+                                   reuse_actors=True),
             run_config=RunConfig(name="kd", storage_path=cfg.storage,
                                  callbacks=[_TrialRecorder(self)], verbose=0,
                                  failure_config=tune.FailureConfig(max_failures=2)),
