@@ -172,9 +172,12 @@ def test_a_diverging_student_is_a_failed_row_not_a_crash(built):
 
 
 def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_path):
-    from dass_ray.offline.metatrain import MetaTrainConfig
-    from dass_ray.offline.metatrain_ray import meta_train
+    import dataclasses
+
+    from dass_ray.core.meta import make_model
     from dass_ray.core.space import get_space
+    from dass_ray.offline.metatrain import MetaTrainConfig, train_local
+    from dass_ray.offline.metatrain_ray import meta_train
 
     out, scale, _ = built
     train = load_meta_tasks(out, ("train",))
@@ -182,28 +185,29 @@ def test_meta_training_one_vs_two_workers_same_parameters_and_resume(built, tmp_
     assert len(train) == 2 and len(val) == 1
     space = get_space("cpu")
     cfg = MetaTrainConfig(episodes=4, query_size=3, eval_every=2, lr=1e-3)
-    one = meta_train(space, train, val, cfg, num_workers=1, storage=tmp_path, name="w1")
-    two = meta_train(space, train, val, cfg, num_workers=2, storage=tmp_path, name="w2")
-    assert one["episodes"] == two["episodes"] == 4
-    # The two runs sum the tasks' gradients in a different order (an all-reduce across workers): float32 rounding
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray Train worker runs
+    try:
+        _, ref = train_local(space, train, val, cfg)  # the single-process reference, no Ray
+    finally:
+        torch.set_num_threads(threads)
+    ref = ref["last"]
+    init = make_model(space, seed=cfg.seed).state_dict()
+    assert any(not torch.allclose(init[k], ref[k]) for k in init)  # training moved the parameters
+    # One worker, interrupted after 2 episodes, then resumed to 4: the same steps as the uninterrupted reference.
+    meta_train(space, train, val, dataclasses.replace(cfg, episodes=2), num_workers=1, storage=tmp_path, name="r")
+    resumed = meta_train(space, train, val, cfg, num_workers=1, storage=tmp_path, name="r")
+    assert resumed["episodes"] == 4 and resumed["resumed_from"] == 2
+    for k in ref:
+        torch.testing.assert_close(resumed["last"][k], ref[k], rtol=1e-5, atol=1e-7)
+    # Two workers sum the tasks' gradients in a different order (an all-reduce across workers): float32 rounding
     # differs by ~1e-7, and Adam's normalised step turns that into up to ~1% of one step (lr 1e-3) for a weight
     # whose gradient is ~0 (seen: 7e-6 on 1 of 36,864 weights). A real divergence -- a task skipped or counted
     # twice -- moves weights by whole steps, far above this tolerance.
-    for k in one["last"]:
-        torch.testing.assert_close(one["last"][k], two["last"][k], rtol=1e-3, atol=2e-5)
-    # training moved the parameters (the comparison is not vacuous)
-    from dass_ray.core.meta import make_model
-
-    init = make_model(space, seed=cfg.seed).state_dict()
-    assert any(not torch.allclose(init[k], one["last"][k]) for k in init)
-    # interrupted after 2 episodes, then resumed to 4: same as the uninterrupted run
-    import dataclasses
-
-    meta_train(space, train, val, dataclasses.replace(cfg, episodes=2), num_workers=1, storage=tmp_path, name="r")
-    resumed = meta_train(space, train, val, cfg, num_workers=1, storage=tmp_path, name="r")
-    assert resumed["episodes"] == 4
-    for k in one["last"]:
-        torch.testing.assert_close(one["last"][k], resumed["last"][k], rtol=1e-5, atol=1e-7)
+    two = meta_train(space, train, val, cfg, num_workers=2, storage=tmp_path, name="w2")
+    assert two["episodes"] == 4
+    for k in ref:
+        torch.testing.assert_close(two["last"][k], ref[k], rtol=1e-3, atol=2e-5)
 
 
 def test_schedule_sweep_uses_meta_validation_only(built, tmp_path):

@@ -150,7 +150,8 @@ def make_optimizer(model: MetaSGD, cfg: MetaTrainConfig) -> torch.optim.Optimize
 
 def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], cfg: MetaTrainConfig,
                 log=None) -> tuple[MetaSGD, dict]:
-    """Single-process meta-training (reference for the Ray Train path; used for baselines)."""
+    """Single-process meta-training (reference for the Ray Train path; used for baselines). Returns the model at
+    its best validation episode and {best_val_spearman, best_episode, last: the final episode's state}."""
     model = new_model(space, cfg, train)
     opt = make_optimizer(model, cfg)
     best = (-float("inf"), None, -1)
@@ -166,6 +167,7 @@ def train_local(space: SpaceConfig, train: list[MetaTask], val: list[MetaTask], 
                 best = (ev, {k: v.detach().clone() for k, v in model.state_dict().items()}, ep + 1)
             if log:
                 log(f"episode {ep + 1}: loss {float(loss):.5f} val spearman {ev:.3f}")
+    last = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best[1] is not None:
         model.load_state_dict(best[1])
-    return model, {"best_val_spearman": best[0], "best_episode": best[2]}
+    return model, {"best_val_spearman": best[0], "best_episode": best[2], "last": last}
