@@ -125,6 +125,19 @@ def test_broad4_plan_adds_near_chance_teachers_to_meta_training_and_validation_o
     assert all(g.teacher_epochs <= 3 and g.train_per_class <= 30 and g.val_per_class >= 40 for g in new)
 
 
+def test_weak_holdout_plan_is_new_weak_teacher_test_tasks_of_the_test_sources_only():
+    broad4, holdout = PLANS["broad4"], PLANS["weak_holdout"]
+    test_sources = {g.source for g in broad4 if g.role == "test"}
+    assert {g.role for g in holdout} == {"test"} and {g.source for g in holdout} == test_sources
+    scale = get_scale("cpu")
+    # none of them is a shipped task (a task's id and images follow from its source and seed): they are judged
+    # once, on tasks no one has looked at
+    assert not {g.seed for g in holdout} & {g.seed for g in broad4}
+    # the regime of sign digits s74: a briefly trained teacher on few images; two KD seeds for every student
+    assert all(g.teacher_epochs <= 3 and g.train_per_class <= 20 for g in holdout)
+    assert all(g.num_students(scale) >= 50 and g.num_second_seed(scale) == g.num_students(scale) for g in holdout)
+
+
 def test_store_accepts_a_plan_with_other_counts_and_refuses_another_recipe(tmp_path):
     scale = get_scale("tiny")
     store = MetaDatasetStore(tmp_path / "md")

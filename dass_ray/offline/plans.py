@@ -174,6 +174,17 @@ _BROAD4_PLAN = [
     _g("val", "chars74k_fonts", _CHARS, 95, 5, 20, 40, 2, _POOLS["chars74k_fonts"][1], students=30),
 ]
 
+# weak_holdout: new weak-teacher meta-test tasks (the regime of sign digits s74, where every signal we have ranks
+# below zero), one per test source, built in a directory of their own (artifacts/weak_holdout), not merged into the
+# shipped meta-dataset: a weak-teacher ranking method chosen on meta-training and meta-validation tasks is judged on
+# them once, on tasks no one has looked at. Same label recipe as the other test tasks (50 students, two KD seeds).
+_WEAK_HOLDOUT_PLAN = [
+    _g("test", "sign_digits", "sign_digits/all.parquet", 101, 5, 20, 60, 2, students=50, second_seed=50),
+    _g("test", "mnist5k", "mnist5k/all.parquet", 102, 5, 20, 40, 1, students=50, second_seed=50),
+    _g("test", "pacs_sketch", "pacs_sketch/all.parquet", 103, 5, 20, 40, 2, students=50, second_seed=50),
+    _g("test", "omniglot_small", "omniglot_small/all.parquet", 104, 10, 10, 8, 3, students=50, second_seed=50),
+]
+
 PLANS: dict[str, list[TaskGroup]] = {
     # Meta-train on CIFAR-10 and Fashion-MNIST class subsets; meta-validate on other subsets of the same sources;
     # meta-test on MNIST and Omniglot, never seen in meta-training.
@@ -181,6 +192,7 @@ PLANS: dict[str, list[TaskGroup]] = {
     "broad": _BROAD_PLAN,
     "broad3": _BROAD3_PLAN,
     "broad4": _BROAD4_PLAN,
+    "weak_holdout": _WEAK_HOLDOUT_PLAN,
     # Tests: bundled data only, seconds.
     "tiny": [
         TaskGroup("train", "mnist5k", "mnist5k.parquet", None, 2, seed=1),
