@@ -23,7 +23,8 @@ the two paths there.
 `--warm` also times the actor path with encoder actors created (and warmed up) before the clock starts, passed
 in with `actors=`: the steady state of a long search, without the one-off start-up.
 
-With no `--address` a local Ray with `--num-cpus` CPUs (default: all) is started. Last line: one JSON object.
+With no `--address` a private local Ray with `--num-cpus` CPUs (default: all) is started (`init_ray`). Last line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
+
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
 
 import numpy as np
 import torch
@@ -67,14 +77,16 @@ def inprocess_scores(teacher_sd, space, archs, model, teacher_acc, batch_size: i
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from dass_ray.search.rayutil import ADDRESS_HELP, NUM_CPUS_HELP
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=16384, help="candidates scored by each path")
     ap.add_argument("--batch-size", type=int, default=1024, help="candidates per encoder call (and in-process batch)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: the bundled CPU teacher)")
-    ap.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--address", default=None, help=ADDRESS_HELP)
+    ap.add_argument("--num-cpus", type=int, default=None, help=NUM_CPUS_HELP)
     ap.add_argument("--warm", action="store_true", help="also time the actor path with pre-started encoders")
     args = ap.parse_args(argv)
     if args.n < 1 or args.batch_size < 1 or args.repeats < 1:
@@ -86,17 +98,16 @@ def main(argv: list[str] | None = None) -> dict:
     from dass_ray.core.meta import make_model
     from dass_ray.search.scoring import EncoderActor, score_candidates
     from dass_ray.search import DEFAULT_TEACHER
+    from dass_ray.search.rayutil import init_ray
 
     torch.set_num_threads(1)  # the in-process path gets what one actor gets
     ck = load_teacher(args.teacher or DEFAULT_TEACHER)
     space = ck.space
     archs = space.sample_many(np.random.default_rng(args.seed), args.n)
     model = make_model(space, seed=args.seed)  # weights do not change the cost
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False)
-    else:
+    if not args.address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance: no token file written
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(args.address, args.num_cpus)
     cpus = ray.cluster_resources().get("CPU", 0)
 
     # warm-up (not timed): oneDNN kernels in this process, worker processes with torch imported in Ray

@@ -22,9 +22,18 @@ import shlex
 import sys
 from pathlib import Path
 
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
+
 from dass_ray.core.config import get_scale
 from dass_ray.offline.metadataset import MetaDatasetStore
 from dass_ray.offline.plans import PLANS, load_plan
+from dass_ray.search.rayutil import ADDRESS_HELP, NUM_CPUS_HELP
 
 
 def main(argv=None) -> int:
@@ -35,8 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="meta-dataset directory (created; reused to resume)")
     ap.add_argument("--data-root", default=None, help="root of the dataset files named in the plan "
                     "(default: bundled data, then ../shared/datasets)")
-    ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--address", default=None, help=ADDRESS_HELP)
+    ap.add_argument("--num-cpus", type=int, default=None, help=NUM_CPUS_HELP)
     ap.add_argument("--teacher-cpus", type=int, default=1, help="CPUs (and torch threads) per teacher training")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many student runs (for slicing)")
     ap.add_argument("--students-per-task", type=int, default=None,

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Evaluate student-ranking methods on the meta-test tasks of a meta-dataset.
 
-Methods: `dass_size`, what the search does by default (its order, `dass_ray.core.ranking.size_blend`: DaSS's
-ranking blended with parameter count when the teacher is well above chance); `dass`, the predictor's scores alone
+Methods: `posterior`, what the search does by default before its first trial (the mean of the search posterior,
+`dass_ray.core.posterior`: a blend of the predictor and model size learnt across the meta-training tasks), and how
+its 90% intervals cover the students not yet measured after 0, 1 and 3 measured ones (and the mean absolute error
+then); `dass_size` (`dass_ray.core.ranking.size_blend`: DaSS's ranking blended with parameter count when the
+teacher is well above chance); `dass`, the predictor's scores alone
 (its own teacher-guided adaptation); DaSS with each other adaptation (`dass_step`, `dass_gate`, `dass_clip`,
 `dass_none`: no step); an architecture-only meta-predictor trained on the same meta-dataset (no functional
 embeddings: the non-distillation-aware baseline); FLOPs, parameter count, SynFlow and NASWOT computed on the
@@ -28,6 +31,14 @@ import shlex
 import time
 import sys
 from pathlib import Path
+
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
 
 import numpy as np
 import torch
@@ -57,6 +68,8 @@ def main(argv=None) -> int:
                     help="task label: the mean of the two KD seeds where every student has both (default), or the "
                          "first seed's accuracy")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    ap.add_argument("--prior", default=None, help="the search posterior's prior (default: the shipped one, "
+                    "dass_ray/assets/predictor/posterior_prior.json)")
     args = ap.parse_args(argv)
     t_start = time.time()
 
@@ -66,6 +79,7 @@ def main(argv=None) -> int:
     from dass_ray.offline.metadataset import MetaDatasetStore, load_meta_tasks, task_data, task_kd_start
     from dass_ray.offline.metatrain import MetaTrainConfig, predict_task, task_batches, train_local
     from dass_ray.core.meta import load_predictor
+    from dass_ray.core.posterior import PoolModel, calibration_after, load_prior
     from dass_ray.core.proxies import score_all
     from dass_ray.core.ranking import (DEFAULT_ORDER, bootstrap_mean, bootstrap_task, label_ceiling, ranking_metrics,
                                        size_blend)
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
     from dass_ray.core.meta import ADAPTATIONS
 
     default_mode = dass.adaptation
-    results, ceilings, scored, mae, meta = {}, {}, [], {}, {}
+    prior = load_prior(args.prior)
+    results, ceilings, scored, mae, meta, calib = {}, {}, [], {}, {}, {}
     for k, t in enumerate(tasks):
         acc = t.acc.numpy()
         # dass: what the search does by default (the checkpoint's own adaptation); dass_<mode>: the same predictor
@@ -122,6 +137,12 @@ def main(argv=None) -> int:
         mae[t.task_id] = {m: float(100 * np.mean(np.abs(v - acc))) for m, v in s.items()}
         # dass_size: the predictor's ranking blended with parameter count for a teacher well above chance
         s["dass_size"] = size_blend(s["dass"], t.params, t.teacher_acc, t.num_classes)
+        # posterior: the search's posterior before any trial (its mean: the learnt blend of predictor and size);
+        # then how its 90% intervals and mean hold up on the untried students after 0, 1 and 3 measured ones
+        post = lambda: PoolModel(prior, s["dass"], t.params, t.flops, t.teacher_acc, t.num_classes,  # noqa: E731
+                                 t.codes.numpy())
+        s["posterior"] = post().mean()
+        calib[t.task_id] = {str(k): calibration_after(post(), acc, k) for k in (0, 1, 3)}
         if arch_only is not None:
             s["arch_only"] = predict_task(arch_only, t, adapt=False)
         s.update({"flops": t.flops.astype(float), "params": t.params.astype(float)})
@@ -149,18 +170,23 @@ def main(argv=None) -> int:
     methods = list(next(iter(results.values())))
     mean = {m: float(np.nanmean([results[t][m]["spearman"] for t in results if m in results[t]])) for m in methods}
     common = [m for m in methods if m != "random" and all(m in sc for sc, _ in scored)]
-    default = DEFAULT_ORDER  # what the search does by default: its order (`dass_size` or `dass`)
+    default = DEFAULT_ORDER  # what the search does by default: its order (`posterior`, `dass_size` or `dass`)
+    calib_mean = {k: {m: float(np.nanmean([c[k][m] for c in calib.values()])) for m in ("coverage", "mae_points")}
+                  for k in ("0", "1", "3")}
     boot = bootstrap_mean([({m: sc[m] for m in common}, a) for sc, a in scored], reference=default,
                           n_boot=args.bootstrap)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label, default))
+    (out / "eval.md").write_text(_markdown(results, meta, mean, boot, ceilings, mae, args.label, default)
+                                 + _calibration_markdown(calib, calib_mean))
     _plot(out / "eval.png", results, ceilings, mean, boot, methods)
     summary = {"default_method": default, "adaptation": default_mode, "label": args.label,
                "tasks": {t: {m: {k: v[k] for k in ("spearman", "spearman_ci", "kendall", "top1_regret", "top5_regret")
                                  if k in v} for m, v in per.items()} for t, per in results.items()},
                "task_info": meta, "mean_spearman": mean, "mean_spearman_ci": boot["mean"],
                "diff_vs_default_ci": boot["diff_vs_" + default], "mae_points": mae,
+               "posterior_intervals": {"per_task": calib, "mean": calib_mean, "level": 0.9,
+                                       "after": "0, 1 and 3 students measured by the posterior search"},
                "noise_ceiling": {k: (v["ceiling"] if v else None) for k, v in ceilings.items()},
                "noise_ceiling_detail": ceilings,
                "sources": sorted({v["source"] for v in meta.values()})}
@@ -178,6 +204,16 @@ def main(argv=None) -> int:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps(summary))
     return 0
+
+
+def _calibration_markdown(calib: dict, mean: dict) -> str:
+    lines = ["", "The search posterior's predictions on the students not yet measured, after 0, 1 and 3 measured by "
+             "the posterior search: coverage of the 90% intervals, mean absolute error (points).", "",
+             "| task | coverage @0 | MAE @0 | coverage @1 | MAE @1 | coverage @3 | MAE @3 |", "|---|---|---|---|---|---|---|"]
+    for tid, c in list(calib.items()) + [("mean", mean)]:
+        lines.append(f"| {tid} | " + " | ".join(f"{c[k]['coverage']:.2f} | {c[k]['mae_points']:.2f}"
+                                                for k in ("0", "1", "3")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _ci(ci) -> str:

@@ -11,6 +11,14 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require("grpc_tools", what="scripts/gen_proto.py (make proto)")
+
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,18 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
+
 
 def main(argv=None) -> int:
+    from dass_ray.search.rayutil import ADDRESS_HELP
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metadataset", required=True, help="meta-dataset directory (scripts/build_metadataset.py)")
     ap.add_argument("--output", required=True, help="predictor checkpoint to write (.pt)")
@@ -46,7 +56,7 @@ def main(argv=None) -> int:
                     help="meta-train and select on the tasks whose teacher is weak (strength below the search's "
                          "size-blend threshold, dass_ray.core.ranking.SIZE_BLEND_STRENGTH), strong, or all (default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--address", default=None)
+    ap.add_argument("--address", default=None, help=ADDRESS_HELP)
     ap.add_argument("--storage", default=None, help="Ray Train storage (default: <metadataset>/ray_meta)")
     args = ap.parse_args(argv)
     if not args.inner_clip > 0:

@@ -10,6 +10,15 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
+
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
 
 
 def main(argv=None) -> int:

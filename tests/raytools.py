@@ -57,7 +57,7 @@ class RayHead:
     their children, e.g. the drivers of its Ray Jobs): the equivalent of losing the head node."""
 
     def __init__(self):
-        self.tmp = tempfile.mkdtemp(prefix="dts", dir="/tmp")  # short: Ray's socket paths are length-limited
+        self.tmp = tempfile.mkdtemp(prefix="dts")  # short: Ray's socket paths are length-limited
         (self.gcs, self.dash, self.agent_http, self.agent_grpc, self.metrics, self.rt_env, self.client_port,
          self.node_manager, self.object_manager) = free_ports(9)
         self.env = dict(os.environ, RAY_TMPDIR=self.tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")

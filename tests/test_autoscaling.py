@@ -117,7 +117,7 @@ class LocalAutoscalingCluster:
 def autoscaling_cluster():
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="ras", dir="/tmp")  # short: Unix socket paths are limited to ~107 chars
+    tmp = tempfile.mkdtemp(prefix="ras")  # short: Unix socket paths are limited to ~107 chars
     env = {"RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled", "HOME": os.path.join(tmp, "home"),
            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     saved = {k: os.environ.get(k) for k in env}

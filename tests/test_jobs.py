@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from dass_ray.service import jobs as J
 from dass_ray.core.data import bundled_path
-from dass_ray.service.contract import RequestError, SearchRequest, request_from_args
+from dass_ray.contract import RequestError, SearchRequest, request_from_args
 
 TEACHER = Path(__file__).resolve().parents[1] / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 
@@ -169,7 +170,7 @@ def test_the_contracts_torch_free_lists_match_the_code():
     code's."""
     from dass_ray.core.config import SCALES
     from dass_ray.core.remap import schemes
-    from dass_ray.service import contract as C
+    from dass_ray import contract as C
 
     assert set(C.REMAP_SCHEMES) == set(schemes())
     assert C.SCALE_SPACES == {name: s.space for name, s in SCALES.items()}
@@ -246,7 +247,7 @@ def _kill_all(marker: str) -> None:
 def local_env(monkeypatch):
     """A private Ray temp dir (short: Ray's socket paths are length-limited) so the searches' own local Ray
     instances never touch another Ray on this machine; everything started under it is killed at the end."""
-    tmp = tempfile.mkdtemp(prefix="djt", dir="/tmp")
+    tmp = tempfile.mkdtemp(prefix="djt")
     monkeypatch.setenv("RAY_TMPDIR", tmp)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -259,6 +260,62 @@ def _runner(state: Path, **kw) -> J.JobRunner:
     extra = ["--encoders", "1", "--predictors", "1"]
     cfg = J.RunnerConfig(poll_s=0.2, extra_args=extra, **kw)
     return J.JobRunner(state, J.LocalBackend(), cfg)
+
+
+# The search as the runner starts it (scripts/search.py), except that it loses its machine at the named moments:
+# each attempt that reaches the next point of $DASS_TEST_KILL_PLAN (a file, one point a line) crosses it off and
+# SIGKILLs its whole process group (launcher included, so no exit status is recorded: as a lost worker).
+#   between-the-history-files: the history's students file is written, its task file not yet
+#   after-the-history-event:   both are written and the "history: ... appended" event is logged; "done" is not
+_KILLING_SEARCH = """
+import os, signal, sys
+from pathlib import Path
+
+from dass_ray.search import history, run
+from dass_ray.search.cli import main
+
+plan = Path(os.environ["DASS_TEST_KILL_PLAN"])
+
+
+def reached(point):
+    todo = plan.read_text().split()
+    if todo[:1] == [point]:
+        plan.write_text("".join(t + "\\n" for t in todo[1:]))
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+_write = history._write
+
+
+def write(path, rows, schema):
+    _write(path, rows, schema)
+    if path.parent.name == "students":
+        reached("between-the-history-files")
+
+
+history._write = write
+_emit = run.EventLog.emit
+
+
+def emit(self, stage, done=0, total=0, message=""):
+    _emit(self, stage, done, total, message)
+    if message.startswith("history:"):
+        reached("after-the-history-event")
+
+
+run.EventLog.emit = emit
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _raw_history(hist: Path) -> dict[str, dict[str, list[dict]]]:
+    """Every file of a history directory with its rows, read raw: {"students": {file name: rows}, "tasks": ...,
+    "other": {...}} -- not through `load_history`, which counts a student recorded twice once."""
+    out: dict[str, dict[str, list[dict]]] = {"students": {}, "tasks": {}, "other": {}}
+    for f in sorted(p for p in hist.rglob("*") if p.is_file()):
+        kind = f.parent.name if f.parent.parent == hist and f.suffix == ".parquet" else "other"
+        out.setdefault(kind, {})[str(f.relative_to(hist))] = pq.read_table(f).to_pylist() if kind != "other" else []
+    return out
 
 
 @pytest.mark.slow
@@ -291,13 +348,22 @@ def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, lo
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env):
+@pytest.mark.timeout(1200)
+def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env, monkeypatch):
     """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still
     running process; then, during KD, the process is killed without an exit status (machine/worker loss): B
-    launches it again with --resume and it finishes from its saved stage (the scored candidates are kept)."""
+    launches it again with --resume and it finishes from its saved stage (the scored candidates are kept). The
+    relaunched search is lost twice more at the risky moments of its history append -- right after the students
+    file is written (before the task file), and right after the "history ... appended" event (before "done") --
+    and the client's history still holds its students exactly once, counted on disk."""
     s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=1)
-    a = _runner(tmp_path, history=True).start()
+    killing = tmp_path / "killing_search.py"
+    killing.write_text(_KILLING_SEARCH)
+    plan = tmp_path / "kill-plan"
+    plan.write_text("between-the-history-files\nafter-the-history-event\n")
+    monkeypatch.setenv("DASS_TEST_KILL_PLAN", str(plan))
+    kw = dict(history=True, max_attempts=4, search_cmd=[sys.executable, str(killing)])
+    a = _runner(tmp_path, **kw).start()
     job, _ = a.submit("alice", "", s)
     wait_for(lambda: (j := a.store.get(job.job_id)).stage in ("embed", "score", "kd") or j.terminal, 180,
              "the search to start")
@@ -305,7 +371,7 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     assert not a.store.get(job.job_id).terminal, a.store.get(job.job_id).error
     handle = json.loads(a.store.get(job.job_id).handle)
 
-    b = _runner(tmp_path, history=True).start()
+    b = _runner(tmp_path, **kw).start()
     try:
         j = b.store.get(job.job_id)
         assert j.state == J.RUNNING and j.attempts == 1 and b.backend.poll(j.handle).kind == "running"
@@ -315,11 +381,12 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
         assert not j.terminal, f"the search ended before it could be interrupted: {j.state} {j.error}"
         os.killpg(handle["pid"], signal.SIGKILL)  # launcher and search die; no exit file is written
         _kill_all(local_env)  # and the search's own local Ray instance with them
-        final = wait_for(lambda: (j := b.store.get(job.job_id)).terminal and j, 300, "the resumed search")
+        final = wait_for(lambda: (j := b.store.get(job.job_id)).terminal and j, 600, "the resumed search")
     finally:
         b.stop()
     assert final.state == J.SUCCEEDED, final.error
-    assert final.attempts == 2
+    assert plan.read_text() == "", "a kill point of the history append was never reached"
+    assert final.attempts == 4  # killed in KD, between the history files, after the history event; then done
     evs = b.store.events(job.job_id)
     assert [e.seq for e in evs] == list(range(len(evs)))
     assert evs[-1].stage == "done" and [e.terminal for e in evs].count(True) == 1
@@ -332,11 +399,23 @@ def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local
     assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)  # top_k, each measured once
     assert res["best"]["measured_acc"] == max(t["measured_acc"] for t in trials) > 0.1  # 10 classes: chance 0.1
     assert (out / "student.torchscript.pt").is_file()
-    # the client's history got the search's students exactly once, though the search was killed and resumed
+    # The client's history got the search's students exactly once, though the search was lost twice in the middle
+    # of appending them: one students file and one task file, both named by the run id the search keeps in its
+    # state, with one row per measured student and one task row -- counted on disk, file by file.
+    run_id = json.loads((out / "state.json").read_text())["run_id"]
+    raw = _raw_history(b.history_dir("alice"))
+    assert raw["other"] == {}, raw["other"]  # no half-written (.tmp) file left behind
+    assert list(raw["students"]) == [f"students/{run_id}.parquet"] and list(raw["tasks"]) == [f"tasks/{run_id}.parquet"]
+    (rows,), ((task_row,),) = raw["students"].values(), raw["tasks"].values()
+    assert sorted((r["arch_json"], r["best_acc"]) for r in rows) == sorted((t["arch_json"], t["measured_acc"])
+                                                                          for t in trials)
+    assert {r["job_id"] for r in rows} == {task_row["job_id"]} == {job.job_id}
     from dass_ray.offline.metadataset import load_history
 
     (task,) = load_history(b.history_dir("alice"))
     assert sorted(task.acc.tolist()) == pytest.approx(sorted(t["measured_acc"] for t in trials))
+    appended = [e.message for e in evs if e.stage == "export" and e.message.startswith("history:")]
+    assert len(appended) == 2, appended  # the attempt lost right after its event, and the last one
     # The search's own sequence numbers continue across the resume, with no gap.
     seqs = [json.loads(line)["seq"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert seqs == list(range(len(seqs)))
@@ -364,17 +443,32 @@ def test_retrain_spec_round_trip_and_arguments(tmp_path):
     store.close()
 
 
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private `ray start --head` (own temp dir and ports) whose Ray Jobs API the runner talks to, as the server
+    does (`RayJobBackend`); started only by the tests that ask for it."""
+    from raytools import RayHead
+
+    head = RayHead()
+    try:
+        head.start()
+        yield head
+    finally:
+        head.cleanup()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path, local_env):
+def test_a_retrain_job_whose_ray_head_is_lost_resumes_from_its_checkpoint(tmp_path, ray_head):
     """A retrain of alice's predictor on her history (real rows of two shipped test tasks), run by the runner as a
-    detached process: killed (with its local Ray) after its first checkpoint, it is launched again and continues
-    from that checkpoint, writes v1 once, and its events count the episodes without a gap."""
+    Ray Job (`RayJobBackend`, what the server uses): the head node is lost with the job after its first checkpoint
+    and comes back; the runner relaunches the job, which continues from that checkpoint, writes v1 once, and its
+    events count the episodes without a gap."""
     from dass_ray.offline.retrain import history_from_metadataset
 
     meta = Path(__file__).resolve().parents[1] / "artifacts" / "metadataset"
-    r = _runner(tmp_path, history=True).start()
+    r = J.JobRunner(tmp_path, J.RayJobBackend(ray_head.address), J.RunnerConfig(poll_s=0.2, history=True)).start()
     try:
         hist = r.history_dir("alice")
         history_from_metadataset(meta, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"], hist, students=20)
@@ -382,12 +476,14 @@ def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path,
         j = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j or (j.stage == "retrain" and j.done >= 3
                                                                                and j), 600, "the first checkpoint")
         assert not j.terminal and j.done < 12, f"the retrain ended before it could be interrupted: {j.error}"
-        os.killpg(json.loads(j.handle)["pid"], signal.SIGKILL)  # launcher and retrain die; no exit file
-        _kill_all(local_env)  # and the retrain's own local Ray instance with them
+        assert j.backend == "ray" and j.handle == f"dass-{job.job_id}-1"
+        ray_head.kill()  # the head node is lost, with the Ray Job's driver and its Ray Train workers
+        ray_head.start()
         final = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j, 600, "the resumed retrain")
     finally:
         r.stop()
     assert final.state == J.SUCCEEDED and final.attempts == 2, final.error
+    assert ray_head.job_status(f"dass-{job.job_id}-2") == "SUCCEEDED"
     out = json.loads((r.output_dir(job.job_id) / "retrain.json").read_text())
     assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 12
     versions = sorted(p.name for p in (hist / "predictors").glob("v*.pt"))
@@ -397,6 +493,7 @@ def test_a_retrain_job_killed_mid_training_resumes_from_its_checkpoint(tmp_path,
     assert [e.seq for e in evs] == list(range(len(evs))) and [e.terminal for e in evs].count(True) == 1
     stages = [e.stage for e in evs]
     i = stages.index("resumed")
+    assert "Ray Job" in evs[i].message
     progress_after = [e.done for e in evs[i:] if e.stage == "retrain"]
     assert progress_after and progress_after[0] > 3 and progress_after[-1] == 12  # no episode redone from 0
     assert evs[-1].stage == "done" and "v1" in evs[-1].message

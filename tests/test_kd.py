@@ -29,10 +29,16 @@ def mnist_task():
 
 @pytest.fixture(scope="module")
 def trained_teacher(mnist_task):
+    """Trained with 2 torch threads (the module's tests that use it compare bit-exact runs at that setting); the
+    process's thread count is restored when the module ends, so later test modules see what they started with."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    space = get_space("cpu", 3)
-    model, res = train_teacher(space, mnist_task, TeacherConfig(epochs=5, batch_size=32, lr=0.05), seed=0)
-    return space, model, res
+    try:
+        space = get_space("cpu", 3)
+        model, res = train_teacher(space, mnist_task, TeacherConfig(epochs=5, batch_size=32, lr=0.05), seed=0)
+        yield space, model, res
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kd_loss_matches_formula():

@@ -1,11 +1,14 @@
-"""The package's layers (README "Layout"): what each layer may import, checked on the source and in fresh
-interpreters.
+"""The package's layers (README "Code layout"): what each layer may import, checked on the source and in fresh
+interpreters. From the bottom up:
 
+- `dass_ray.contract`: the search contract (knobs, stages, result format, the exported student's `InputSpec`);
+  standard library only, so every layer may import it and it loads neither torch nor Ray.
 - `dass_ray.core`: the model math, plain PyTorch/numpy. No Ray, no gRPC, nothing from the other layers except the
-  torch-free search contract (`dass_ray.service.contract`: the exported student's `InputSpec`).
+  contract.
 - `dass_ray.offline`: meta-dataset building and meta-training; the product (search, service) never imports it.
-- `dass_ray.search`: the search on Ray. `dass_ray.service`: the contract, server, jobs, client and CLI; neither
-  torch nor Ray is imported by the server, the client or the contract.
+- `dass_ray.search`: the search on Ray.
+- `dass_ray.service`: server, jobs, client and CLI, on top; neither torch nor Ray is imported by the server or the
+  client. No layer below it (core, offline, search, the contract) imports it.
 """
 import ast
 import subprocess
@@ -16,26 +19,35 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "dass_ray"
 LAYERS = {
-    "core": ["adapters", "config", "data", "embed", "export", "images", "kd", "meta", "nets", "predictor",
+    "core": ["adapters", "config", "data", "embed", "export", "images", "kd", "meta", "nets", "posterior", "predictor",
              "proxies", "ranking", "remap", "rows", "space", "tasks"],
     "offline": ["labelgen", "metadataset", "metatrain", "metatrain_ray", "plans", "retrain"],
     "search": ["cli", "history", "inputs", "rayutil", "report", "resources", "run", "scoring", "searcher",
                "trainable"],
-    "service": ["checks", "cli", "client", "contract", "jobs/backends", "jobs/events", "jobs/launch", "jobs/rayhead",
+    "service": ["checks", "cli", "client", "jobs/backends", "jobs/events", "jobs/launch", "jobs/rayhead",
                 "jobs/runner", "jobs/store", "server/app", "server/rpc", "server/servicer", "server/uploads"],
 }
 RAY_FREE = ([f"core.{m}" for m in LAYERS["core"]] + ["offline.plans", "offline.metadataset", "offline.metatrain"]
-            + [f"service.{m.replace('/', '.')}" for m in LAYERS["service"]] + ["fileutil", "cluster_config"])
-TORCH_FREE = ["service.contract", "service.client", "service.cli", "service.server", "service.jobs", "fileutil"]
+            + [f"service.{m.replace('/', '.')}" for m in LAYERS["service"]]
+            + ["contract", "fileutil", "cluster_config"])
+TORCH_FREE = ["contract", "service.client", "service.cli", "service.server", "service.jobs", "fileutil"]
 
 
 def imports(path: Path) -> list[str]:
+    """Every module `path` imports, anywhere in the file (function-level imports too). `from X import Y` counts as
+    X and X.Y (Y may be a module: `from dass_ray import service`); relative imports are resolved to absolute names."""
+    package = ".".join(("dass_ray",) + path.relative_to(PKG).parent.parts)
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            out.append(node.module or "")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            out.append(base)
+            out += [f"{base}.{a.name}" for a in node.names if a.name != "*"]
     return out
 
 
@@ -53,8 +65,28 @@ def test_core_imports_only_core(mod):
         top = name.split(".")[0]
         assert top not in ("ray", "grpc"), f"core/{mod}.py imports {name}"
         if top == "dass_ray":
-            assert name.startswith(("dass_ray.core", "dass_ray.fileutil")) or name in (
-                "dass_ray", "dass_ray.service.contract"), f"core/{mod}.py imports {name}"
+            assert name.startswith(("dass_ray.core", "dass_ray.fileutil", "dass_ray.contract")) or name in (
+                "dass_ray", "dass_ray.__version__"), f"core/{mod}.py imports {name}"
+
+
+def _py_files(*where: str) -> list[Path]:
+    return sorted(p for w in where for p in ([PKG / w] if w.endswith(".py") else (PKG / w).rglob("*.py")))
+
+
+@pytest.mark.parametrize("path", _py_files("core", "offline", "search", "contract.py"),
+                         ids=lambda p: str(p.relative_to(PKG)))
+def test_layers_below_the_service_do_not_import_it(path):
+    """The contract sits below core and search (issue 29, item 8): nothing under the service imports upward."""
+    bad = [n for n in imports(path) if n == "dass_ray.service" or n.startswith("dass_ray.service.")]
+    assert not bad, f"{path.relative_to(PKG)} imports {bad}: the service is the top layer (contract: dass_ray.contract)"
+
+
+def test_the_contract_imports_only_the_standard_library():
+    mods = imports(PKG / "contract.py")
+    assert mods, "dass_ray/contract.py: no imports found (moved?)"
+    bad = [n for n in mods if n.split(".")[0] not in sys.stdlib_module_names and n != "__future__"
+           and not n.startswith("__future__.")]
+    assert not bad, f"dass_ray/contract.py imports {bad}"
 
 
 @pytest.mark.parametrize("layer", ["search", "service"])

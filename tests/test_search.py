@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from dass_ray.core.data import bundled_path
-from dass_ray.core.ranking import size_blend
 from dass_ray.search import DEFAULT_TEACHER, DaSSSearcher, InputError, SearchConfig, prepare
-from dass_ray.service import contract as C
+from dass_ray import contract as C
 from dass_ray.core.space import get_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,17 +151,27 @@ def test_searcher_rerank_reorders_the_rest():
     assert seen == [{0: 0.7}] and s.suggest("t1")["index"] == 4
 
 
+def test_search_order_on_a_small_fixed_case():
+    """The fixed orders a search distils in (`order_key`, then highest key first, ties in candidate order), on five
+    candidates worked out by hand."""
+    from dass_ray.core.ranking import order_key
+
+    scores = [0.50, 0.80, 0.20, 0.70, 0.30]  # score ranks (0 = lowest): 2, 4, 0, 3, 1
+    params = [400, 100, 500, 300, 200]  # size ranks: 3, 0, 4, 2, 1
+
+    def distilled(order, teacher_acc):
+        return np.argsort(-order_key(order, scores, params, teacher_acc, 10), kind="mergesort").tolist()
+
+    # a strong teacher (0.959 on 10 classes: 0.95 of the way from chance): mean ranks 2.5, 2, 2, 2.5, 1
+    assert order_key("dass_size", scores, params, 0.959, 10).tolist() == [2.5, 2.0, 2.0, 2.5, 1.0]
+    assert distilled("dass_size", 0.959) == [0, 3, 1, 2, 4]
+    # a teacher near chance (0.3 on 10 classes: 0.22 of the way) and the "dass" order: the predictor's scores alone
+    assert distilled("dass_size", 0.3) == [1, 3, 0, 4, 2]
+    assert distilled("dass", 0.959) == [1, 3, 0, 4, 2]
+
+
 # ---------------------------------------------------------------------------------------------- on Ray
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.ray
@@ -217,20 +226,36 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     # export must read the best one through its file system, not from --output.
     store = tmp_path / "shared-store"
     hist = tmp_path / "history"
-    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2, storage=f"file://{store}", history=str(hist))
-    result = SearchRun(prepare(c)).run()
+    c = cfg(tmp_path, predictor_path, candidates=40, top_k=2, storage=f"file://{store}", history=str(hist),
+            order="dass_size")
+    prep = prepare(c)
+    result = SearchRun(prep).run()
     out = Path(c.output)
     cands = pq.read_table(out / "candidates.parquet")
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert cands.num_rows == 40 and len(trials) == 2
-    # the default order: the predictor's ranking, blended with parameter count under a teacher well above chance
+    # the fixed blended order ("dass_size"): under a teacher well above chance (0.959 on 10 classes: (0.959 - 0.1)
+    # / 0.9 = 0.95 of the way from chance, above the blend's threshold) the mean of the predictor-score rank and the
+    # parameter-count rank (ties averaged), highest first, ties in candidate order -- written out here from that
+    # definition, not with the code's own size_blend (whose arithmetic test_search_order_on_a_small_fixed_case pins)
     teacher_acc = json.loads((out / "result.json").read_text())["teacher_acc"]
     assert teacher_acc > 0.9 and not [w for w in result.warnings if "near chance" in w], result.warnings
-    key = size_blend(cands["predicted_acc"].to_numpy(), cands["params"].to_numpy(), teacher_acc, 10)
-    first = np.argsort(-key, kind="mergesort")
-    assert cands["rank"].to_numpy()[first].tolist() == list(range(40))
-    assert {t["index"] for t in trials} == set(first[:2].tolist())  # exactly the first K in that order distilled
-    assert all(t["status"] == "ok" and 0 <= t["measured_acc"] <= 1 for t in trials)
+
+    def avg_rank(v):
+        return np.array([(v < x).sum() + ((v == x).sum() - 1) / 2 for x in v])
+
+    score = cands["predictor_score" if "predictor_score" in cands.column_names else "predicted_acc"].to_numpy()
+    key = (avg_rank(score) + avg_rank(cands["params"].to_numpy())) / 2
+    first = sorted(range(40), key=lambda i: (-key[i], i))
+    assert [int(cands["rank"][i].as_py()) for i in first] == list(range(40))
+    assert {t["index"] for t in trials} == set(first[:2])  # exactly the first K in that order distilled
+    # each measured accuracy is a count of correctly classified validation images (100 here: 10 per class) and
+    # above chance (0.1) for a student distilled from a 0.96 teacher
+    n_val = len(prep.data.y_val)
+    assert n_val == 100
+    for t in trials:
+        assert t["status"] == "ok" and t["measured_acc"] > 0.1, t
+        assert round(t["measured_acc"] * n_val, 6) == int(round(t["measured_acc"] * n_val)), t["measured_acc"]
     assert all(t["checkpoint"].startswith(str(store / "kd")) for t in trials), [t["checkpoint"] for t in trials]
     assert not (out / "tune").exists()
     assert result.best.measured_acc == max(t["measured_acc"] for t in trials)
@@ -240,6 +265,22 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert C.SearchResult.read(out / "result.json") == result and set(result.timings_s) <= set(C.TIMED_STAGES)
     ts = torch.jit.load(str(out / "student.torchscript.pt"))
     assert ts(torch.zeros(2, 28, 28, 1, dtype=torch.uint8)).shape == (2, 10)
+    # The exported student is the best trial's: on the search's own validation split -- the same images, as uint8
+    # at their native size and channel count, fed through the file's own preprocessing -- it scores exactly the
+    # accuracy the search measured for the best student.
+    from dass_ray.core.data import load_dataset, to_tensor
+    from dass_ray.core.tasks import dataset_task, load_task_data
+
+    task, _ = dataset_task(bundled_path("mnist5k"), prep.scale, c.seed)  # the split prepare() made
+    _, va = load_task_data(task, load_dataset(bundled_path("mnist5k")))
+    assert torch.equal(to_tensor(va.images, 32), prep.data.x_val) and torch.equal(torch.from_numpy(va.labels),
+                                                                                  prep.data.y_val)
+    assert (va.images == va.images[..., :1]).all()  # grayscale stored as RGB: one channel is the image
+    images = torch.from_numpy(np.ascontiguousarray(va.images[..., :1]))  # [100, 28, 28, 1] uint8, as a user has them
+    with torch.no_grad():
+        pred = torch.cat([ts(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)])
+    acc = int((pred == prep.data.y_val).sum()) / len(pred)
+    assert acc == result.best.measured_acc, (acc, result.best.measured_acc, [t["measured_acc"] for t in trials])
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[-1]["stage"] == "done"

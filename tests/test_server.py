@@ -11,6 +11,7 @@ import io
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from dass_ray.v1 import search_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
 MNIST = bundled_path("mnist5k")
-TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
+TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef",
+          "carol": "carol-token-0123456789abcdef"}
 UPLOAD_CAP_MB = 8
 TINY = dict(scale="tiny", candidates=24, top_k=2, kd_epochs=1)
 
@@ -46,8 +48,9 @@ from raytools import RayHead, free_ports, kill_under  # noqa: E402  (shared with
 class Server:
     """`python -m dass_ray.service.cli serve` as a subprocess on a fixed port and state dir (restartable)."""
 
-    def __init__(self, state_dir: Path, token_file: Path, address: str | None, env: dict):
+    def __init__(self, state_dir: Path, token_file: Path, address: str | None, env: dict, extra: tuple = ()):
         self.state_dir, self.token_file, self.address, self.env = state_dir, token_file, address, env
+        self.extra = list(extra)  # more `serve` options (a repeated one overrides the default above)
         self.port = free_ports(1)[0]
         self.proc: subprocess.Popen | None = None
         self.log = state_dir.parent / "server.log"
@@ -58,6 +61,7 @@ class Server:
                "--max-upload-mb", str(UPLOAD_CAP_MB), "--encoders", "1", "--predictors", "1", "-v"]
         if self.address:
             cmd += ["--address", self.address]
+        cmd += self.extra
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
         c = SearchClient(f"127.0.0.1:{self.port}", "x", timeout=2)
@@ -101,6 +105,7 @@ def ray_head():
         yield head
     finally:
         head.cleanup()
+        kill_ray(head.tmp)  # its Ray Client server names no directory of the head
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +113,13 @@ def server(token_file, tmp_path_factory):
     """A server without --address: it would start its own local Ray head on the first search, but the fast tests
     here only validate, dry-run and queue, so no head is ever started."""
     state = tmp_path_factory.mktemp("svc") / "state"
-    tmp = tempfile.mkdtemp(prefix="dsv", dir="/tmp")
+    tmp = tempfile.mkdtemp(prefix="dsv")
     srv = Server(state, token_file, None, dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled"))
     srv.start()
     yield srv
     srv.stop()
-    kill_under(tmp)
+    kill_ray(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     assert not (state / "ray_head.json").exists(), "a fast test started a Ray head"
 
 
@@ -295,7 +301,7 @@ def test_hostile_uploads_answer_the_right_status_and_leave_the_server_healthy(se
         msg = expect(IA, raw_upload, alice, [header(junk, name=name), pb.UploadChunk(data=junk)], method=method,
                      contains=words)  # one line a user understands: no exception text, no server path
         assert "\n" not in msg and "Error" not in msg and str(server.state_dir) not in msg, msg
-    # A client that gives up mid-stream: the server drops the partial file.
+    # A client that gives up mid-stream: the server drops the partial file (which existed meanwhile).
     gate = threading.Event()
 
     def slow():
@@ -303,14 +309,22 @@ def test_hostile_uploads_answer_the_right_status_and_leave_the_server_healthy(se
         yield chunks[0]
         gate.wait(10)
 
+    tmp = server.state_dir / "tmp"
+    assert list(tmp.iterdir()) == []
     fut = alice.stub.UploadDataset.future(slow(), metadata=alice._md, timeout=30)
-    time.sleep(0.5)
+    t0 = time.monotonic()
+    while not list(tmp.iterdir()):  # the server is receiving it into a part file
+        assert time.monotonic() - t0 < 30 and not fut.done(), "the partial upload never reached the server"
+        time.sleep(0.05)
     fut.cancel()
     gate.set()
-    time.sleep(0.5)
+    t0 = time.monotonic()
+    while list(tmp.iterdir()):  # nothing half-written is left behind
+        assert time.monotonic() - t0 < 30, f"partial upload left behind: {list(tmp.iterdir())}"
+        time.sleep(0.05)
     assert alice.health() == "SERVING"
     assert alice.upload_dataset(MNIST).num_images == 5000
-    assert list((server.state_dir / "tmp").iterdir()) == []  # nothing half-written is left behind
+    assert list(tmp.iterdir()) == []
 
 
 def test_submit_validation(alice, tmp_path):
@@ -360,7 +374,7 @@ def test_dry_run_jobs_request_ids_and_listing(alice):
     assert evs[0].stage == "queued" and evs[-1].state == pb.JOB_STATE_SUCCEEDED
     assert [e.state in TERMINAL for e in evs].count(True) == 1
     assert list(alice.watch(j1.job_id, from_sequence=len(evs) - 1)) == evs[-1:]
-    assert list(alice.watch(j1.job_id, from_sequence=len(evs) + 5)) == []  # past the end of a finished job
+    assert list(alice.watch(j1.job_id, from_sequence=len(evs) + 5)) == evs[-1:]  # past the end: how it ended
     expect(grpc.StatusCode.FAILED_PRECONDITION, alice.result, j1.job_id, contains="dry run")
     expect(grpc.StatusCode.FAILED_PRECONDITION, alice.cancel, j1.job_id, contains="finished")
     expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice.watch(j1.job_id, from_sequence=-1))
@@ -372,10 +386,19 @@ def test_dry_run_jobs_request_ids_and_listing(alice):
         alice.wait(j, timeout_s=30)
     listed = [j.job_id for j in alice.list_jobs(page_size=2)]
     assert listed[:5] == made[::-1] and len(listed) == len(set(listed))
-    assert all(state_name(j.state) == "SUCCEEDED" for j in alice.list_jobs(states=("succeeded",)))
-    assert all(state_name(j.state) == "CANCELLED" for j in alice.list_jobs(states=("cancelled",)))
-    r = alice.stub.ListJobs(pb.ListJobsRequest(page_size=10_000), metadata=alice._md, timeout=10)
-    assert len(r.jobs) <= 500
+    pages, token = [], ""  # pages hold page_size jobs each (the last one the rest), more jobs than one page
+    while True:
+        r = alice._call(alice.stub.ListJobs, pb.ListJobsRequest(page_size=2, page_token=token))
+        pages.append([j.job_id for j in r.jobs])
+        token = r.next_page_token
+        if not token:
+            break
+    assert len(pages) >= 3 and all(len(p) == 2 for p in pages[:-1]) and len(pages[-1]) in (1, 2), pages
+    assert sum(pages, []) == listed
+    succeeded = [j for j in alice.list_jobs(states=("succeeded",))]  # (cancelled: the queue test below)
+    assert set(made) | {j1.job_id} <= {j.job_id for j in succeeded}
+    assert all(state_name(j.state) == "SUCCEEDED" for j in succeeded)
+    assert [j.job_id for j in alice.list_jobs(states=("running", "failed", "cancelled"))] == []  # dry runs
     expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice._call(alice.stub.ListJobs,
            pb.ListJobsRequest(page_token="zz")), contains="page_token")
     expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: alice._call(alice.stub.ListJobs,
@@ -423,14 +446,14 @@ def test_server_process_loads_neither_torch_nor_ray_and_stays_small(server, alic
 
 
 def test_client_server_and_contract_import_neither_torch_nor_ray():
-    code = ("import sys, dass_ray.service.client, dass_ray.service.cli, dass_ray.service.contract, "
+    code = ("import sys, dass_ray.service.client, dass_ray.service.cli, dass_ray.contract, "
             "dass_ray.service.server; print(','.join(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"imported: {out}"
 
 
 def test_every_knob_of_the_contract_is_a_proto_field():
-    from dass_ray.service import contract as C
+    from dass_ray import contract as C
 
     sub, spec = pb.SubmitSearchRequest.DESCRIPTOR.fields_by_name, pb.SearchSpec.DESCRIPTOR.fields_by_name
     assert {"readapt", "asha", "remap", "classes", "max_concurrent", "seed", "candidates", "top_k",
@@ -513,18 +536,27 @@ def test_queue_cap_order_deadline_cancel_and_drain(tmp_path, token_file):
         assert [e.stage for e in c.watch(j1.job_id)][-1] == "cancelled"
         assert c.get_job(j2.job_id).queue_position == 0
         j3 = c.submit(**kw)
+        # The state filter, on a queue that holds jobs in two states.
+        assert [j.job_id for j in c.list_jobs(states=("cancelled",))] == [j1.job_id]
+        assert [j.job_id for j in c.list_jobs(states=("queued",))] == [j3.job_id, j2.job_id]
+        assert [j.job_id for j in c.list_jobs(states=("queued", "cancelled"))] == [j3.job_id, j2.job_id, j1.job_id]
+        assert [j.job_id for j in c.list_jobs(states=("succeeded", "running"))] == []
         # Drain: an open watcher is told to come back, new work is refused, queued jobs are kept.
-        errs = []
+        errs, seen = [], []
 
         def watcher():
             try:
-                list(c.watch(j2.job_id, reconnect=False))
+                for ev in c.watch(j2.job_id, reconnect=False):
+                    seen.append(ev)
             except ClientError as e:
                 errs.append(e.code)
 
         th = threading.Thread(target=watcher)
         th.start()
-        time.sleep(0.5)
+        t0 = time.monotonic()
+        while not seen:  # the watch is open: it has streamed the job's first event
+            assert time.monotonic() - t0 < 30 and th.is_alive(), "the watch did not start"
+            time.sleep(0.05)
         svc.servicer.draining.set()
         svc.runner.drain()
         expect(grpc.StatusCode.UNAVAILABLE, c.upload_dataset, MNIST, contains="shutting down")
@@ -584,6 +616,352 @@ def test_tls_with_a_self_signed_certificate(tmp_path, token_file):
             assert code_of(plain.get_job, job.job_id) == grpc.StatusCode.UNAVAILABLE
     finally:
         svc.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a client can see and learn (issue 29, items 9-12)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_contract_details_as_a_client_sees_them(alice):
+    IA = grpc.StatusCode.INVALID_ARGUMENT
+    ok = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), dry_run=True)
+    # SearchSpec.seed is set only when the submit gave one (0 included).
+    assert not alice.submit(**ok).spec.HasField("seed")
+    j0 = alice.submit(**ok, seed=0)
+    assert j0.spec.HasField("seed") and j0.spec.seed == 0
+    got = alice.get_job(j0.job_id).spec
+    assert got.HasField("seed") and got.seed == 0
+    assert alice.submit(**ok, seed=7).spec.seed == 7
+    # Range messages give the bounds a client may send (0: the default) and write integers out.
+    for kw, field, bounds in [(dict(candidates=-3), "candidates", "[0, 1000000] (0: default)"),
+                              (dict(top_k=-1), "top_k", "[0, 10000] (0: default)"),
+                              (dict(seed=2**32), "seed", "[0, 4294967295]"),
+                              (dict(max_flops=-1), "budget.max_flops", "[0, 1000000000000000] (0: no limit)")]:
+        msg = expect(IA, alice.submit, **ok, **kw, contains=field)
+        assert bounds in msg and "e+" not in msg, msg
+    msg = expect(IA, alice.retrain, episodes=-1, contains="episodes")
+    assert "[0, 100000] (0: 100)" in msg, msg
+    # ListJobs: a page_size over the .proto's bound (500) is refused, not clamped.
+    msg = expect(IA, lambda: alice._call(alice.stub.ListJobs, pb.ListJobsRequest(page_size=501)),
+                 contains="page_size")
+    assert "[0, 500]" in msg, msg
+    assert len(alice._call(alice.stub.ListJobs, pb.ListJobsRequest(page_size=500)).jobs) >= 3
+    # WatchJob from past the end of a finished job answers its terminal event (how it ended), not nothing.
+    alice.wait(j0.job_id, timeout_s=30)
+    evs = list(alice.watch(j0.job_id))
+    assert evs[-1].state == pb.JOB_STATE_SUCCEEDED
+    raw = list(alice.stub.WatchJob(pb.WatchJobRequest(job_id=j0.job_id, from_sequence=len(evs) + 5),
+                                   metadata=alice._md, timeout=10))
+    assert raw == evs[-1:]
+    assert list(alice.watch(j0.job_id, from_sequence=len(evs) + 5)) == evs[-1:]
+
+
+def test_a_class_with_one_image_is_refused_before_any_search_runs(alice, tmp_path):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(small_parquet(rows=30, classes=3)))
+    labels = t["label"].to_pylist()
+    lonely = t["label_name"][labels.index(2)].as_py()
+    p = tmp_path / "lonely.parquet"
+    pq.write_table(t.take(sorted([i for i, y in enumerate(labels) if y != 2] + [labels.index(2)])), p)
+    ds = alice.upload_dataset(p)  # a subset of its classes can still be searched
+    assert ds.num_classes == 3 and ds.num_images == labels.count(0) + labels.count(1) + 1
+    msg = expect(grpc.StatusCode.INVALID_ARGUMENT, alice.submit, dataset_id=ds.dataset_id, train_teacher=True,
+                 dry_run=True, contains="1 image")
+    assert f"'{lonely}'" in msg and "at least 2" in msg, msg
+    expect(grpc.StatusCode.INVALID_ARGUMENT, alice.submit, dataset_id=ds.dataset_id, train_teacher=True,
+           dry_run=True, classes=["0", "2"], contains="1 image")
+    job = alice.submit(dataset_id=ds.dataset_id, train_teacher=True, dry_run=True, classes=["0", "1"])
+    assert state_name(alice.wait(job.job_id, timeout_s=30).state) == "SUCCEEDED"
+
+
+def test_an_upload_is_judged_by_its_own_name_whoever_sent_the_bytes_first(server, alice, bob, tmp_path):
+    data = small_parquet(rows=40)  # bytes no other test uploads
+    p = tmp_path / "d.parquet"
+    p.write_bytes(data)
+
+    def as_npz(c: SearchClient) -> str:
+        return expect(grpc.StatusCode.INVALID_ARGUMENT, raw_upload, c,
+                      [header(data, name="d.npz"), pb.UploadChunk(data=data)], contains="d.npz")
+
+    with client(server, "carol") as carol:
+        first = as_npz(carol)  # nobody has these bytes yet: Parquet bytes are no .npz
+        assert not alice.upload_dataset(p).already_present  # alice uploads them as what they are
+        assert as_npz(bob) == first  # bob cannot learn that alice has them
+        assert as_npz(alice) == first  # and alice's own copy does not make them an .npz either
+        assert as_npz(carol) == first
+        assert alice.upload_dataset(p).already_present and not bob.upload_dataset(p).already_present
+
+
+def test_permission_denied_names_no_server_directory(alice):
+    from dass_ray.service.server import default_data_roots
+
+    msg = expect(grpc.StatusCode.PERMISSION_DENIED, alice.submit, dataset_path="/etc/passwd",
+                 teacher_path=str(TEACHER), dry_run=True, contains="dataset_path: /etc/passwd")
+    for root in default_data_roots():
+        assert str(root) not in msg, msg
+    assert "--data-root" in msg or "allowed" in msg, msg
+
+
+def _finished_search(svc, owner: str, files: dict[str, bytes]) -> str:
+    """A SUCCEEDED search job with these output files, recorded straight in the server's job table (a real search
+    writes the same files: tests/test_search.py)."""
+    from dass_ray import contract as C
+    from dass_ray.service import jobs as J
+
+    req = C.SearchRequest(dataset=str(MNIST), teacher=str(TEACHER), scale="tiny")
+    job, _ = svc.runner.store.create(owner, "", J.SearchSpec(dataset=str(MNIST), request=req, teacher=str(TEACHER)))
+    out = svc.runner.output_dir(job.job_id)
+    out.mkdir(parents=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    assert svc.runner.store.append(job.job_id, [{"stage": "done", "message": "search finished",
+                                                 "state": J.SUCCEEDED}], state=J.SUCCEEDED, finished=time.time())
+    return job.job_id
+
+
+def test_downloaded_tables_carry_no_server_path(tmp_path, token_file):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dass_ray import contract as C
+
+    svc, port = _inproc(tmp_path, token_file, max_running=0)
+    try:
+        out_of = lambda j: svc.runner.output_dir(j)  # noqa: E731
+        job_id = _finished_search(svc, "alice", {})
+        out = out_of(job_id)
+        ck = str(out / "tune" / "kd" / "kd_trainable_ab12_1_index=4" / "checkpoint_000000")
+        trials = pa.Table.from_pylist([
+            {"index": 4, "arch_json": "{}", "measured_acc": 0.7, "status": "ok", "trial_id": "ab12", "checkpoint": ck},
+            {"index": 5, "arch_json": "{}", "measured_acc": None, "status": "failed", "trial_id": "cd34",
+             "checkpoint": "/elsewhere/on/the/server/checkpoint_000001"},
+            {"index": 6, "arch_json": "{}", "measured_acc": None, "status": "failed", "trial_id": "ef56",
+             "checkpoint": None}])
+        buf = io.BytesIO()
+        pq.write_table(trials, buf)
+        (out / "trials.parquet").write_bytes(buf.getvalue())
+        best = C.StudentResult(arch={"widths": [[8]]}, arch_json='{"widths":[[8]]}', measured_acc=0.7,
+                               predicted_acc=0.6, flops=10, params=5, index=4, predicted_rank=0)
+        C.SearchResult(best=best, teacher_acc=0.9, teacher_flops=100, teacher_params=50, candidates=8, top_k=2,
+                       trials=[], request=C.SearchRequest(dataset=str(MNIST), teacher=str(TEACHER)).to_dict(),
+                       input_spec=C.InputSpec(28, 28, 1, 32), class_names=["a", "b"]).write(out / C.RESULT_FILE)
+        with SearchClient(f"127.0.0.1:{port}", TOKENS["alice"]) as c:
+            path = c.download(job_id, "trials", tmp_path / "dl")
+            got = pq.read_table(path)
+            assert got.column_names == trials.column_names and got.num_rows == 3
+            assert got["checkpoint"].to_pylist() == ["tune/kd/kd_trainable_ab12_1_index=4/checkpoint_000000", "",
+                                                     None]
+            for col in ("index", "arch_json", "measured_acc", "status", "trial_id"):
+                assert got[col].to_pylist() == trials[col].to_pylist()
+            text = json.dumps(got.to_pylist())
+            assert str(tmp_path) not in text and "/elsewhere" not in text, text
+            # The listing announces the size of the file the client gets.
+            (art,) = [a for a in c.result(job_id).artifacts if a.filename == "trials.parquet"]
+            assert art.size_bytes == path.stat().st_size
+        assert (out / "trials.parquet").read_bytes() == buf.getvalue()  # the search's own file is untouched
+    finally:
+        svc.stop()
+
+
+class FakeRayJobs:
+    """The Ray Jobs REST API of a head (submit, status, stop, logs) on loopback, whose jobs run until stopped: for
+    tests of the server's own scheduling, where no search needs to run."""
+
+    def __init__(self):
+        import http.server
+        import json
+
+        self.jobs: dict[str, str] = {}  # submission id -> status
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                parts = self.path.strip("/").split("/")
+                if parts == ["api", "version"]:
+                    return self._send(200, {"version": "fake"})
+                st = fake.jobs.get(parts[2]) if len(parts) >= 3 else None
+                if st is None:
+                    return self._send(404, {"error": "no such job"})
+                self._send(200, {"logs": ""} if parts[-1] == "logs" else {"status": st})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                parts = self.path.strip("/").split("/")
+                if parts == ["api", "jobs"]:
+                    fake.jobs[body["submission_id"]] = "RUNNING"
+                    return self._send(200, {"submission_id": body["submission_id"]})
+                if len(parts) == 4 and parts[3] == "stop" and parts[2] in fake.jobs:
+                    fake.jobs[parts[2]] = "STOPPED"
+                    return self._send(200, {"stopped": True})
+                self._send(404, {"error": "unknown"})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def test_per_client_queue_and_running_limits_and_fair_order(tmp_path, token_file):
+    """`--max-queued` and `--max-running-per-client` hold per client: one client's queue cannot lock the others
+    out, and a freed slot goes to the client with the fewest running jobs (then the longest waiting)."""
+    ray = FakeRayJobs()
+    svc, port = _inproc(tmp_path, token_file, address=ray.address, max_running=2, max_running_per_client=1,
+                        max_queued=2)
+    a, b, c = (SearchClient(f"127.0.0.1:{port}", TOKENS[w]) for w in ("alice", "bob", "carol"))
+    try:
+        kw = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER), **TINY)
+        running = lambda j: state_name(j.state) == "RUNNING"  # noqa: E731
+        a1 = a.submit(**kw).job_id
+        wait_job(a, a1, running, 30, "alice's first job to start")
+        a2, a3 = a.submit(**kw).job_id, a.submit(**kw).job_id
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, a.submit, **kw, contains="your queue")  # her own limit
+        b1 = b.submit(**kw).job_id  # alice's full queue does not lock bob or carol out
+        c1 = c.submit(**kw).job_id
+        wait_job(b, b1, running, 30, "bob's job to take the free slot")
+        # alice runs her one job: the free slot went to bob, though her jobs were queued first
+        assert [state_name(a.get_job(j).state) for j in (a1, a2, a3)] == ["RUNNING", "QUEUED", "QUEUED"]
+        # fair order: carol, who runs nothing, is next; then alice's jobs, in her order
+        assert [x.get_job(j).queue_position for x, j in ((c, c1), (a, a2), (a, a3))] == [0, 1, 2]
+        b.cancel(b1)
+        wait_job(c, c1, running, 30, "carol's job to take bob's slot")
+        assert state_name(a.get_job(a2).state) == "QUEUED" and a.get_job(a2).queue_position == 0
+        a.cancel(a1)
+        wait_job(a, a2, running, 30, "alice's next job once her first one ended")
+        assert sorted(k for k, v in ray.jobs.items() if v == "RUNNING") == sorted(
+            f"dass-{j}-1" for j in (c1, a2))
+    finally:
+        for x in (a, b, c):
+            x.close()
+        svc.stop()
+        ray.close()
+
+
+def _with_env(entry: str) -> dict[int, str]:
+    """pid -> command line of the live processes (this one aside) whose environment holds `entry` ("NAME=value")."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(d.name) != os.getpid() and \
+                    entry.encode() in (d / "environ").read_bytes().split(b"\0") and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+def kill_ray(tmp: str) -> None:
+    """Stop a Ray whose processes were started with RAY_TMPDIR=`tmp`: those whose command line names the dir or
+    descends from one that does (`kill_under`), then those that only carry it in their environment."""
+    kill_under(tmp)
+    t0 = time.monotonic()
+    while left := _with_env(f"RAY_TMPDIR={tmp}"):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        assert time.monotonic() - t0 < 15, f"cannot stop: {left}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_ray_head_is_stopped_whole(tmp_path, monkeypatch):
+    """The local head a server starts (and any head this module starts) is stopped with nothing left running: the
+    Ray Client server of a head (`ray.util.client.server --address=...`, re-parented to init when `ray start`
+    exits) names no directory of the head, so stopping by command line alone left it behind."""
+    from dass_ray.service.jobs.rayhead import LocalRayHead
+
+    tmp = tempfile.mkdtemp(prefix="dh")  # short: Ray's socket paths are length-limited
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "state").mkdir()
+    head = LocalRayHead(tmp_path / "state", num_cpus=1)
+    try:
+        try:
+            assert head.address().startswith("http://127.0.0.1:")
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"{e}\n{head.log_file.read_text()[-3000:] if head.log_file.exists() else ''}")
+        started = list(_with_env(f"RAY_TMPDIR={tmp}").values())
+        assert any("gcs_server" in c for c in started) and any("ray.util.client.server" in c for c in started)
+        kill_ray(tmp)
+        left = _with_env(f"RAY_TMPDIR={tmp}")
+        assert left == {}, f"left running: {left}"
+    finally:
+        for pid in _with_env(f"RAY_TMPDIR={tmp}"):  # whatever happened above
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_sigterm_keeps_the_port_and_answers_the_drain_status(token_file, tmp_path):
+    """After SIGTERM the server keeps its port while in-flight calls finish: new calls are answered UNAVAILABLE
+    ("shutting down", health NOT_SERVING), not refused by a closed port; then it exits 0."""
+    srv = Server(tmp_path / "state", token_file, None, dict(os.environ, RAY_AUTH_MODE="disabled"),
+                 extra=("--grace", "60"))
+    srv.start()
+    data = small_parquet(rows=30)
+    gate = threading.Event()
+
+    def slow():
+        yield header(data)
+        yield pb.UploadChunk(data=data[:1000])
+        gate.wait(60)
+        yield pb.UploadChunk(data=data[1000:])
+
+    try:
+        with client(srv) as c, client(srv, timeout=5) as c2:
+            fut = c.stub.UploadDataset.future(slow(), metadata=c._md, timeout=90)
+            t0 = time.monotonic()
+            while not list((srv.state_dir / "tmp").iterdir()):  # the upload is in flight: its part file exists
+                assert time.monotonic() - t0 < 30 and not fut.done(), "the upload never started"
+                time.sleep(0.05)
+            srv.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            while True:
+                try:
+                    status = c2.health()
+                except ClientError as e:
+                    pytest.fail(f"the port closed while a call was in flight: {e}")
+                if status != "SERVING":
+                    break
+                assert time.monotonic() - t0 < 30, "SIGTERM was not acted on"
+            assert status == "NOT_SERVING"
+            expect(grpc.StatusCode.UNAVAILABLE, c2.submit, dataset_path=str(MNIST), teacher_path=str(TEACHER),
+                   dry_run=True, contains="shutting down")
+            expect(grpc.StatusCode.UNAVAILABLE, c2.upload_dataset, MNIST, contains="shutting down")
+            assert srv.proc.poll() is None
+            gate.set()
+            assert fut.result(timeout=60).num_images == 30  # the call in flight finished normally
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        gate.set()
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,6 +1035,34 @@ def test_end_to_end_across_server_restarts(ray_server, ray_head, ray_alice, tmp_
     assert alice.download(job.job_id, "report", tmp_path).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_retrain_job_leaves_nothing_on_the_head_and_one_task_is_never_promoted(ray_server, ray_head):
+    """A retrain job of a client whose history holds one task (real rows of the shipped meta-dataset, in the layout
+    a search writes): the version is written but cannot be promoted (no held-out task of the client's own to judge
+    it on), so "latest" stays the shipped predictor; and the job leaves no actor of Ray Train's on the head."""
+    import hashlib
+    import json
+
+    from ray.util.state import list_actors
+
+    from dass_ray.offline.retrain import history_from_metadataset
+
+    hist = ray_server.state_dir / "history" / hashlib.sha256(b"carol").hexdigest()[:16]  # carol searches nothing
+    history_from_metadataset(ROOT / "artifacts" / "metadataset", ["test-mnist5k-s31-000"], hist, students=10)
+    with client(ray_server, "carol") as c:
+        job = c.retrain(episodes=2)
+        final = c.wait(job.job_id, timeout_s=800)
+        assert state_name(final.state) == "SUCCEEDED", final.error
+        (v,) = c.predictors()
+        assert (v.version, v.parent_version, v.history_tasks, v.history_students) == ("v1", "shipped", 1, 10)
+        assert not v.promoted and not v.latest, v
+        assert "no held-out task" in json.loads(v.manifest_json)["promotion"]
+    alive = [a.class_name for a in list_actors(address=ray_head.address, filters=[("state", "=", "ALIVE")])]
+    assert not {"_AutoscalingCoordinatorActor", "TrainController"} & set(alive), alive
+
+
 def _search_running(c, job_id):
     return wait_job(c, job_id, lambda j: j.stage in ("embed", "score", "kd") or j.state in TERMINAL, 300,
                     "the search to start")
@@ -724,7 +1130,7 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
     local head the server started on its first search (the second reuses it)."""
     import json
 
-    tmp = tempfile.mkdtemp(prefix="dlh", dir="/tmp")
+    tmp = tempfile.mkdtemp(prefix="dlh")
     srv = Server(tmp_path / "state", token_file, None,
                  dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"))
     srv.start()
@@ -780,7 +1186,8 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
         assert {f"dass-{j1.job_id}-1", f"dass-{j2.job_id}-1"} <= ids
     finally:
         srv.stop()
-        kill_under(tmp)
+        kill_ray(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _uncommented(lines: list[str]) -> list[str]:

@@ -97,7 +97,8 @@ def trials_needed(order, acc, tol=0.005) -> int:
 
 # Teacher strength (how far its accuracy is from chance towards 1) from which `size_blend` mixes in parameter count.
 # Fit on the meta-training tasks (0.3 of {0, 0.3, 0.4, 0.5, 0.6}: mean Spearman 0.441 against 0.308 for the
-# predictor alone; scripts/fit_order.py), then checked on the meta-validation tasks (README, "The search's order").
+# predictor alone; scripts/fit_order.py), then checked on the meta-validation tasks (docs/method-history.md,
+# "The search's order").
 SIZE_BLEND_STRENGTH = 0.3
 
 
@@ -134,10 +135,12 @@ def size_blend(scores, params, teacher_acc: float, num_classes: int,
     return (r + _rank(params)) / 2.0
 
 
-# The order in which a search distils its candidates: "dass_size" (size_blend: the default, chosen on the
-# meta-validation tasks) or "dass" (the predictor's scores alone).
-ORDERS = ("dass_size", "dass")
-DEFAULT_ORDER = "dass_size"
+# The order in which a search distils its candidates: "posterior" (the default: each next candidate from the
+# posterior given every measured student, dass_ray.core.posterior; it needs the candidates' FLOPs and encodings, so
+# the search computes it, not `order_key`), "dass_size" (size_blend, fixed in advance) or "dass" (the predictor's
+# scores alone).
+ORDERS = ("posterior", "dass_size", "dass")
+DEFAULT_ORDER = "posterior"
 
 
 def order_key(order: str, scores, params, teacher_acc: float, num_classes: int) -> np.ndarray:
@@ -147,4 +150,6 @@ def order_key(order: str, scores, params, teacher_acc: float, num_classes: int) 
         return np.asarray(scores, float)
     if order == "dass_size":
         return size_blend(scores, params, teacher_acc, num_classes)
+    if order == "posterior":
+        raise ValueError("order 'posterior' is computed by dass_ray.core.posterior.PoolModel, not by order_key")
     raise ValueError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")

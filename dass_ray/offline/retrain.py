@@ -92,7 +92,7 @@ class _Events:
             return
         import os
 
-        from dass_ray.service.contract import STAGES
+        from dass_ray.contract import STAGES
 
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
@@ -132,7 +132,7 @@ def promotion(before: dict, after: dict) -> tuple[bool, str]:
     least as well as its parent and is not worse on all validation tasks together. A history with no held-out
     task to judge (fewer than two tasks with >= 3 measured students) gives no evidence about the user's domain,
     so nothing is promoted: better on the meta-validation tasks alone is not enough (measured: two versions
-    promoted that way both ranked their user's next MNIST task worse; README, "Learning from every search")."""
+    promoted that way both ranked their user's next MNIST task worse; docs/history.md)."""
     hb, ha = before["history_held_out"], after["history_held_out"]
     if ha is None or hb is None:
         return False, ("no held-out task of the history to validate on (needs two or more tasks with >= 3 measured "
@@ -229,6 +229,8 @@ def parser():
     """`scripts/retrain.py`'s options."""
     import argparse
 
+    from dass_ray.search.rayutil import ADDRESS_HELP, NUM_CPUS_HELP
+
     from dass_ray.fileutil import REPO_ROOT
 
     ap = argparse.ArgumentParser(
@@ -249,8 +251,8 @@ def parser():
     ap.add_argument("--holdout", type=float, default=0.25, help="fraction of history tasks held out for selection")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="Ray Train workers")
-    ap.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--address", default=None, help=ADDRESS_HELP)
+    ap.add_argument("--num-cpus", type=int, default=None, help=NUM_CPUS_HELP)
     ap.add_argument("--output", default=None, help="also write progress (events.jsonl) and the new version's "
                     "manifest (retrain.json) here (what the service's retrain jobs read)")
     return ap

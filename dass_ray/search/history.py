@@ -75,6 +75,6 @@ def record(history: str | Path, run_id: str, *, job_id: str, dataset_digest: str
 
 
 # ---- predictor versions retrained on a history: defined by the contract (the torch-free server reads them) ----
-from dass_ray.service.contract import LATEST, latest_predictor, versions_dir  # noqa: E402,F401 - re-exported
+from dass_ray.contract import LATEST, latest_predictor, versions_dir  # noqa: E402,F401 - re-exported
 
 __all__ = ["record", "task_id_for", "LATEST", "latest_predictor", "versions_dir"]

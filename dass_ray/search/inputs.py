@@ -14,8 +14,8 @@ from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import SpaceConfig, get_space
 from dass_ray.core.tasks import dataset_task
 from dass_ray.fileutil import resolve_storage
-from dass_ray.service import contract as C
-from dass_ray.service.contract import RequestError, SearchRequest
+from dass_ray import contract as C
+from dass_ray.contract import RequestError, SearchRequest
 
 DEFAULT_TEACHER, DEFAULT_PREDICTOR = Path(C.DEFAULT_TEACHER), Path(C.DEFAULT_PREDICTOR)
 
@@ -129,8 +129,9 @@ def near_chance_teacher_warning(teacher_acc: float, num_classes: int) -> str | N
     if not near_chance(teacher_acc, num_classes):
         return None
     return (f"teacher accuracy {teacher_acc:.3f} is near chance ({1.0 / num_classes:.3f} for {num_classes} classes): "
-            f"under such teachers no student ranking was reliable on the meta-training tasks (README, 'More "
-            f"near-chance teachers'); distil more candidates (--top-k) or bring a better-trained teacher")
+            f"under such teachers no student ranking was reliable on the meta-training tasks "
+            f"(docs/method-history.md, 'More near-chance teachers'); distil more candidates (--top-k) or bring a "
+            f"better-trained teacher")
 
 
 def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:

@@ -20,20 +20,21 @@ import pyarrow.parquet as pq
 import torch
 
 from dass_ray.core.embed import Embedder
-from dass_ray.core.export import export_student, spec_for
+from dass_ray.core.export import export_all, spec_for
 from dass_ray.core.kd import TeacherCheckpoint, compute_soft_labels, load_teacher, round_half, train_teacher
 from dass_ray.core.nets import build
 from dass_ray.core.predictor import PredictorBatch
+from dass_ray.core.posterior import PoolModel, load_prior
 from dass_ray.core.ranking import order_key
 from dass_ray.core.space import ArchConfig
 from dass_ray.search.inputs import Prepared, near_chance_teacher_warning, teacher_range_warning
-from dass_ray.search.rayutil import Progress
+from dass_ray.search.rayutil import Progress, tune_verbosity
 from dass_ray.search.report import write_report
 from dass_ray.search.resources import max_cluster_cpus
 from dass_ray.search.scoring import score_candidates
-from dass_ray.search.searcher import DaSSSearcher
+from dass_ray.search.searcher import STOP_MARGIN, DaSSSearcher, PosteriorSearcher, stop_message
 from dass_ray.search.trainable import _bundle, _checkpoint_uri, _TrialRecorder, kd_trainable
-from dass_ray.service import contract as C
+from dass_ray import contract as C
 
 # ----------------------------------------------------------------------------------------------------------------
 # Events and state
@@ -89,6 +90,9 @@ class SearchRun:
         tp = self.out / "trials.parquet"
         if tp.exists():
             self.trial_rows = pq.read_table(tp).to_pylist()
+        self.prior = load_prior()  # the posterior's prior (dass_ray.core.posterior), fit with the shipped predictor
+        self.post: PoolModel | None = None  # the posterior given the trials recorded so far (during KD)
+        self.cands: pa.Table | None = None
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_name("state.json.tmp")
@@ -177,17 +181,26 @@ class SearchRun:
         prog.close()
         self.state["timings"]["score"] = round(time.time() - t0, 3)  # sampling, embedding, scoring
         params = np.array([p.space.params(a) for a in archs], dtype=np.int64)
-        # the distillation order (cfg.order: the predictor's ranking, by default blended with model size for a
-        # teacher well above chance); `rank` 0 is distilled first
-        key = order_key(cfg.order, scores, params, teacher.val_acc, p.data.num_classes)
+        flops = np.array([p.space.flops(a) for a in archs], dtype=np.int64)
+        model = PoolModel(self.prior, scores, params, flops, teacher.val_acc, p.data.num_classes,
+                           p.space.encode_many(archs))
+        # the distillation order (cfg.order: by default the posterior, before any trial its mean; or the predictor's
+        # ranking, blended with model size for a teacher well above chance); `rank` 0 is distilled first
+        if (cfg.order or C.DEFAULT_ORDER) == "posterior":
+            key = model.mean()
+        else:
+            key = order_key(cfg.order, scores, params, teacher.val_acc, p.data.num_classes)
         order = np.argsort(-key, kind="mergesort")
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
+        lo, hi = model.interval()
         table = pa.table({
             "index": np.arange(n, dtype=np.int64), "arch_json": [a.to_json() for a in archs],
-            "arch_digest": [a.digest() for a in archs],
-            "flops": np.array([p.space.flops(a) for a in archs], dtype=np.int64),
-            "params": params, "predicted_acc": scores.astype(np.float64), "rank": rank,
+            "arch_digest": [a.digest() for a in archs], "flops": flops, "params": params,
+            # the predicted accuracy: the posterior mean given the trials measured so far (rewritten after each
+            # trial) with its 90% interval; predictor_score is the meta-trained predictor's own output, the prior
+            "predicted_acc": model.mean(), "predicted_lo": lo, "predicted_hi": hi,
+            "predictor_score": scores.astype(np.float64), "rank": rank,
         })
         tmp = cp.with_name(cp.name + ".tmp")
         pq.write_table(table, tmp)
@@ -206,10 +219,14 @@ class SearchRun:
                "status": "failed" if failed else "ok",
                "reason": str(r.get("reason") or (trial.error_file and "trial error") or ""),
                "time_s": float(r.get("time_total_s", 0.0) or 0.0), "trial_id": trial.trial_id,
-               "checkpoint": _checkpoint_uri(trial.checkpoint)}
+               "checkpoint": _checkpoint_uri(trial.checkpoint),
+               # the posterior's 90% interval when the trial was proposed (predicted_acc is its mean)
+               "predicted_lo": float(conf.get("predicted_lo", float("nan"))),
+               "predicted_hi": float(conf.get("predicted_hi", float("nan")))}
         if any(x["index"] == row["index"] for x in self.trial_rows):
             return
         self.trial_rows.append(row)
+        self._update_posterior()
         tp = self.out / "trials.parquet"
         tmp = tp.with_name(tp.name + ".tmp")
         pq.write_table(pa.Table.from_pylist(self.trial_rows), tmp)
@@ -217,6 +234,46 @@ class SearchRun:
         self.events.emit("kd", len(self.trial_rows), self.cfg.top_k,
                          f"student #{row['index']}: predicted {row['predicted_acc']:.4f}, "
                          + (f"measured {row['measured_acc']:.4f}" if row["status"] == "ok" else f"failed ({row['reason']})"))
+
+    def _pool_model(self, cands: pa.Table) -> PoolModel:
+        """The posterior over the candidates' accuracies given the trials recorded so far: rebuilt from the files,
+        so a resumed search has the same one."""
+        archs = [ArchConfig.from_json(j) for j in cands["arch_json"].to_pylist()]
+        col = "predictor_score" if "predictor_score" in cands.column_names else "predicted_acc"
+        m = PoolModel(self.prior, cands[col].to_numpy(), cands["params"].to_numpy(), cands["flops"].to_numpy(),
+                      self.teacher.val_acc, self.p.data.num_classes, self.p.space.encode_many(archs))
+        for r in self.trial_rows:
+            if r["status"] == "ok":
+                m.observe(int(r["index"]), float(r["measured_acc"]))
+        return m
+
+    def _update_posterior(self) -> None:
+        """After a trial: the posterior takes its measured accuracy; candidates.parquet's predicted accuracies and
+        intervals are rewritten from it."""
+        if self.post is None or self.cands is None:
+            return
+        r = self.trial_rows[-1]
+        if r["status"] == "ok":
+            self.post.observe(int(r["index"]), float(r["measured_acc"]))
+        lo, hi = self.post.interval()
+        t = self.cands
+        for name, v in (("predicted_acc", self.post.mean()), ("predicted_lo", lo), ("predicted_hi", hi)):
+            if name in t.column_names:
+                t = t.set_column(t.column_names.index(name), name, pa.array(v, pa.float64()))
+        self.cands = t
+        cp = self.out / "candidates.parquet"
+        tmp = cp.with_name(cp.name + ".tmp")
+        pq.write_table(t, tmp)
+        os.replace(tmp, cp)
+
+    def _stop_check(self) -> str:
+        """Why the search ended before top_k trials under --stop-probability ("" when it did not)."""
+        cfg = self.cfg
+        if not cfg.stop_probability or self.post is None or len(self.trial_rows) >= cfg.top_k:
+            return ""
+        tried = [int(r["index"]) for r in self.trial_rows]
+        p = self.post.prob_improvement(STOP_MARGIN, exclude=tried)
+        return stop_message(p, cfg.stop_probability, STOP_MARGIN, len(self.post.obs)) if p < cfg.stop_probability else ""
 
     def _kd(self, teacher: TeacherCheckpoint, cands: pa.Table) -> list[dict]:
         from ray import tune
@@ -235,8 +292,17 @@ class SearchRun:
         soft = compute_soft_labels(teacher.model(), p.data.x_train, views=2 if p.scale.kd.flip else 1)
         ctx = {"space": p.space, "teacher_sd": teacher.state_dict, "data": p.data, "kd": p.scale.kd,
                "seed": cfg.seed, "soft": soft, "threads": 1}
-        rerank = self._reranker(teacher, arch_jsons) if cfg.readapt else None
-        searcher = DaSSSearcher(arch_jsons, predicted, ranked, cfg.top_k, rerank=rerank, done=done)
+        self.cands, self.post = cands, self._pool_model(cands)
+        order = cfg.order or C.DEFAULT_ORDER
+        if cfg.readapt:
+            searcher = DaSSSearcher(arch_jsons, predicted, ranked, cfg.top_k,
+                                    rerank=self._reranker(teacher, arch_jsons), done=done)
+        else:
+            # the posterior proposes each next candidate from every trial measured so far ("posterior"), or follows
+            # the fixed order _score chose; either way it keeps the intervals and the --stop-probability rule
+            searcher = PosteriorSearcher(arch_jsons, self._pool_model(cands), cfg.top_k,
+                                         ranked=None if order == "posterior" else ranked,
+                                         stop_probability=cfg.stop_probability, seed=cfg.seed, done=done)
         cpus = max_cluster_cpus()  # what the cluster has or can autoscale to, so Tune's demand can grow it
         scheduler = None
         if cfg.asha:
@@ -260,10 +326,15 @@ class SearchRun:
                                    # runs the next one: 4 sequential tiny trials 20 s -> 13 s, same results
                                    reuse_actors=True),
             run_config=RunConfig(name="kd", storage_path=cfg.storage,
-                                 callbacks=[_TrialRecorder(self)], verbose=0,
+                                 callbacks=[_TrialRecorder(self)], verbose=tune_verbosity(),
                                  failure_config=tune.FailureConfig(max_failures=2)),
         )
         tuner.fit()
+        stop = self._stop_check()
+        if stop:
+            self.state["stop_reason"] = stop
+            print(stop, file=sys.stderr, flush=True)
+            self.events.emit("kd", len(self.trial_rows), cfg.top_k, stop)
         self.state["timings"]["kd"] = round(self.state["timings"].get("kd", 0) + time.time() - t0, 2)
         self.state["readapt"] = bool(cfg.readapt)
         self._save_state()
@@ -325,7 +396,7 @@ class SearchRun:
         torch.save({"format": "dass_ray.student/1", "arch": arch.to_dict(), "space": p.space.to_dict(),
                     "state_dict": sd, "class_names": list(p.data.class_names)}, self.out / "student.pt")
         spec = spec_for(p.data, p.space.image_size)
-        export_student(model, spec, self.out / "student.torchscript.pt")
+        exports, export_s = export_all(model, spec, self.out)  # TorchScript, ONNX, torch.export
         row = cands.slice(best["index"], 1).to_pylist()[0]
         self.state["timings"]["export"] = round(time.time() - t0, 3)
         req = {f.name: getattr(cfg, f.name) for f in C.REQUEST_FIELDS}
@@ -336,12 +407,14 @@ class SearchRun:
                                  predicted_rank=int(row["rank"])),
             teacher_acc=teacher.val_acc, teacher_flops=int(p.space.flops(p.space.teacher())),
             teacher_params=int(p.space.params(p.space.teacher())), candidates=cands.num_rows, top_k=cfg.top_k,
-            trials=[{k: r[k] for k in ("index", "predicted_acc", "measured_acc", "status")} for r in trials],
+            trials=[{k: r.get(k) for k in ("index", "predicted_acc", "predicted_lo", "predicted_hi", "measured_acc",
+                                           "status")} for r in trials],
             request=C.SearchRequest(**req).to_dict(), input_spec=spec, class_names=list(p.data.class_names),
             timings_s={k: v for k, v in self.state["timings"].items() if k in C.TIMED_STAGES},
-            warnings=list(self.warnings))
+            warnings=list(self.warnings), stop_reason=self.state.get("stop_reason", ""), exports=exports)
         result.write(self.out / C.RESULT_FILE)
         write_report(self.out / "report.png", cands, trials, result, self.cfg.max_flops)
-        self.events.emit("export", 1, 1, "wrote student.pt, student.torchscript.pt, result.json, report.png")
+        files = ", ".join(f"{e['file']} ({export_s[e['format']]:.1f} s)" for e in exports)
+        self.events.emit("export", 1, 1, f"wrote student.pt, {files}, result.json, report.png")
         self._save_state()
         return result

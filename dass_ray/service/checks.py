@@ -47,7 +47,8 @@ def dataset_info(path: str, shown: str) -> tuple[dict | None, str | None]:
     h, w = ds.image_size
     names = [str(n) for n in ds.class_names]
     return {"num_classes": ds.num_classes, "num_images": len(ds), "image_height": h, "image_width": w,
-            "class_names": names[:20], "all_class_names": names}, None
+            "class_names": names[:20], "all_class_names": names,
+            "class_counts": [int(n) for n in ds.class_counts()]}, None
 
 
 def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
@@ -79,7 +80,41 @@ def budget(scale: str, num_classes: int, max_flops: int, max_params: int) -> tup
     return {}, None
 
 
-_CHECKS = {"dataset": dataset_info, "teacher": teacher_info, "budget": budget}
+def _client_cell(v, prefix: str, hidden: list[str], path_column: bool):
+    if not isinstance(v, str):
+        return v
+    if path_column:  # a file of the search: named relative to its output directory, or not at all
+        if v.startswith(prefix):
+            return v[len(prefix):]
+        return "" if v.startswith("/") or "://" in v else v
+    v = v.replace(prefix, "")
+    for h in hidden:
+        v = v.replace(h, "<server>")
+    return v
+
+
+def client_table(src: str, dst: str, out_dir: str, hidden: list[str]) -> tuple[dict | None, str | None]:
+    """A copy of a job's Parquet table for its client (`dst`, written whole): no cell names a server file. The
+    `checkpoint` column (trials.parquet) becomes relative to the job's output directory `out_dir` (empty when
+    elsewhere); any other text loses `out_dir` and the server directories `hidden`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(src)
+    prefix = out_dir.rstrip("/") + "/"
+    cols = []
+    for field, col in zip(t.schema, t.columns):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            col = pa.array([_client_cell(v, prefix, hidden, field.name == "checkpoint") for v in col.to_pylist()],
+                           type=field.type)
+        cols.append(col)
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_arrays(cols, schema=t.schema), tmp)
+    os.replace(tmp, dst)
+    return {}, None
+
+
+_CHECKS = {"dataset": dataset_info, "teacher": teacher_info, "budget": budget, "client_table": client_table}
 
 
 def _worker_main() -> int:

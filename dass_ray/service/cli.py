@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from dass_ray.service.contract import Caps, add_request_arguments, knobs_from_args
+from dass_ray._deps import CLIENT, FULL, require
+from dass_ray.contract import Caps, add_request_arguments, knobs_from_args
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key")
     s.add_argument("--max-running", type=int, default=1, help="searches run at once; the rest queue (default 1)")
-    s.add_argument("--max-queued", type=int, default=100, help="queued searches before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-running-per-client", type=int, default=0,
+                   help="jobs of one client run at once (default 0: up to --max-running); a freed slot goes to "
+                        "the client with the fewest running jobs")
+    s.add_argument("--max-queued", type=int, default=100,
+                   help="queued jobs of one client before its submits answer RESOURCE_EXHAUSTED (default 100)")
+    s.add_argument("--max-queued-total", type=int, default=1000,
+                   help="queued jobs of all clients together before RESOURCE_EXHAUSTED (default 1000)")
     s.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload, MiB (default 512)")
     s.add_argument("--workers", type=int, default=64, help="server threads (default 64)")
     s.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
@@ -139,6 +146,7 @@ def _serve(a) -> int:
     cfg = ServerConfig(state_dir=Path(a.state_dir), token_file=Path(a.token_file), port=a.port, host=a.host,
                        address=a.address, ray_num_cpus=a.ray_num_cpus, tls_cert=a.tls_cert and Path(a.tls_cert),
                        tls_key=a.tls_key and Path(a.tls_key), max_running=a.max_running, max_queued=a.max_queued,
+                       max_running_per_client=a.max_running_per_client, max_queued_total=a.max_queued_total,
                        max_upload_bytes=int(a.max_upload_mb * (1 << 20)), workers=a.workers, grace_s=a.grace,
                        data_roots=[Path(d) for d in a.data_root] if a.data_root else default_data_roots(),
                        search_cmd=shlex.split(a.search_cmd) if a.search_cmd else None, search_defaults=defaults,
@@ -170,13 +178,15 @@ def _follow(c, job_id: str, from_sequence: int = 0, result_hint: str | None = No
     """Print progress until the job ends; 0 if it succeeded, 1 otherwise."""
     from dass_ray.service.client import state_name
 
-    tty = sys.stderr.isatty()
+    try:  # a progress bar on a terminal, when tqdm is there (the slim client install does without)
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    tty = sys.stderr.isatty() and tqdm is not None
     bar, bar_stage, last = None, None, None
     for ev in c.watch(job_id, from_sequence):
         last = ev
         if tty:
-            from tqdm import tqdm
-
             if ev.stage != bar_stage:
                 if bar is not None:
                     bar.close()
@@ -342,12 +352,15 @@ def _cancel(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "search":  # everything after it belongs to the search's own parser
+        require(*FULL, "dass_ray.search", what="dass-ray search")
         from dass_ray.search import cli as search_cli
 
         return search_cli.main(argv[1:])
     a = _parser().parse_args(argv)
     if a.cmd == "serve":
+        require("dass_ray.service.server", *CLIENT, what="dass-ray serve")
         return _serve(a)
+    require(*CLIENT, what=f"dass-ray {a.cmd}")
     from dass_ray.service.client import ClientError
 
     try:

@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dass_ray.fileutil import sha256_file
-from dass_ray.service.contract import ARTIFACTS as CONTRACT_ARTIFACTS
-from dass_ray.service.contract import set_proto_knobs
+from dass_ray.contract import ARTIFACTS as CONTRACT_ARTIFACTS
+from dass_ray.contract import set_proto_knobs
 
 try:
     from dass_ray.v1 import search_pb2 as pb
@@ -154,7 +154,7 @@ class SearchClient:
     def submit(self, *, dataset_id: str | None = None, dataset_path: str | None = None,
                teacher_id: str | None = None, teacher_path: str | None = None, train_teacher: bool = False,
                dry_run: bool = False, request_id: str | None = None, **knobs) -> pb.Job:
-        """Queue a search. `knobs`: any per-search field of the contract (dass_ray.service.contract.REQUEST_FIELDS
+        """Queue a search. `knobs`: any per-search field of the contract (dass_ray.contract.REQUEST_FIELDS
         with a proto path: candidates, top_k, kd_epochs, seed, scale, remap, readapt, asha, classes, max_flops,
         max_params, max_concurrent, encoders, predictors, batch_size); unset ones take the search's defaults.
         A fresh `request_id` is made when none is given, so the call is retried safely (never two jobs) when the
@@ -205,13 +205,16 @@ class SearchClient:
                 stream = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, from_sequence=seq), metadata=self._md)
                 for ev in stream:
                     lost_since = None
+                    if ev.sequence < seq and ev.state in TERMINAL:  # asked past the end of a finished job:
+                        yield ev  # the server answers how it ended
+                        return
                     if ev.sequence != seq:
                         raise ClientError(f"event stream out of order: expected {seq}, got {ev.sequence}")
                     seq += 1
                     yield ev
                     if ev.state in TERMINAL:
                         return
-                return  # ended without a terminal event: asked past the end of a finished job
+                return  # ended without a terminal event (a server from before it answered one past the end)
             except grpc.RpcError as e:
                 transient = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                          grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
@@ -249,8 +252,8 @@ class SearchClient:
         return list(self._call(self.stub.ListPredictors, pb.ListPredictorsRequest()).versions)
 
     def download(self, job_id: str, kind: str | int, dest: str | Path) -> Path:
-        """Download one artifact ("torchscript", "weights", "report", "candidates", "trials") into directory
-        `dest`; resumes after a broken stream and checks the sha256. Returns the file's path."""
+        """Download one artifact ("torchscript", "onnx", "torch_export", "weights", "report", "candidates",
+        "trials") into directory `dest`; resumes after a broken stream and checks the sha256. Returns the file's path."""
         k = ARTIFACTS.get(kind, kind) if isinstance(kind, str) else kind
         if not isinstance(k, int):
             raise ClientError(f"unknown artifact {kind!r}; known: {', '.join(ARTIFACTS)}")

@@ -1,7 +1,7 @@
 """The search service's job runner: a durable job table and event log, and the workers that run the searches.
 
 Every job is one run of the search job contract (`scripts/search.py --dataset ... --output DIR`, its options
-derived from `dass_ray.service.contract.SearchRequest`), which writes `DIR/events.jsonl` (progress),
+derived from `dass_ray.contract.SearchRequest`), which writes `DIR/events.jsonl` (progress),
 `DIR/result.json` and the artifacts; or a retrain of its client's predictor on the client's own search history
 (`scripts/retrain.py --history <the client's> --output DIR`: `DIR/events.jsonl` and `DIR/retrain.json`). The runner
 

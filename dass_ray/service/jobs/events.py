@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from dass_ray.service.contract import SEARCH_TERMINAL
+from dass_ray.contract import SEARCH_TERMINAL
 
 log = logging.getLogger("dass_ray.jobs")
 

@@ -1,7 +1,9 @@
 """The job runner: schedules, launches, watches and finalizes the searches of the job table."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -11,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dass_ray.service.contract import EVENTS_FILE
+from dass_ray import contract as C
+from dass_ray.contract import EVENTS_FILE
 from dass_ray.service.jobs.backends import Backend, RayJobBackend
 from dass_ray.service.jobs.events import read_search_events, truncate_partial_line
 from dass_ray.service.jobs.store import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobFinished, JobNotFound,
-                                         JobRow, JobSpec, JobStore)
+                                         JobRow, JobSpec, JobStore, fair_order)
 
 log = logging.getLogger("dass_ray.jobs")
 
@@ -50,11 +53,15 @@ def default_retrain_command() -> list[str]:
 
 @dataclass
 class RunnerConfig:
-    """How the runner schedules: at most `max_running` searches at once, `max_queued` waiting; a search lost
-    `max_attempts` times fails; `cancel_grace_s` seconds between SIGTERM and SIGKILL on cancel."""
+    """How the runner schedules: at most `max_running` jobs at once, and `max_running_per_client` of one client
+    (0: no limit of its own); at most `max_queued` jobs of one client waiting, `max_queued_total` of all; a freed
+    slot goes to the client with the fewest running jobs (`store.fair_order`); a search lost `max_attempts` times
+    fails; `cancel_grace_s` seconds between SIGTERM and SIGKILL on cancel."""
 
     max_running: int = 1
-    max_queued: int = 100
+    max_queued: int = 100  # per client
+    max_running_per_client: int = 0
+    max_queued_total: int = 1000
     max_attempts: int = 3
     poll_s: float = 0.5
     cancel_grace_s: float = 10.0
@@ -150,7 +157,8 @@ class JobRunner:
         spec.validate()
         if not self._accepting:
             raise RuntimeError("the server is shutting down and accepts no new jobs")
-        job, created = self.store.create(owner, request_id, spec, max_queued=self.config.max_queued)
+        job, created = self.store.create(owner, request_id, spec, max_queued=self.config.max_queued_total,
+                                         max_queued_per_client=self.config.max_queued)
         if created:
             self._notify()
             self._wake.set()
@@ -185,16 +193,24 @@ class JobRunner:
             self._schedule()
 
     def _schedule(self) -> None:
-        queued = self.store.in_state(QUEUED)
-        running = self.store.count(RUNNING)
-        for job in queued:
+        pending = []
+        for job in self.store.in_state(QUEUED):
             if job.spec.dry_run:
                 self._finish_dry_run(job)
-                continue
-            if running >= self.config.max_running:
-                continue
+            else:
+                pending.append(job)
+        per = self.store.running_per_owner()
+        running = sum(per.values())
+        cap = self.config.max_running_per_client or None
+        while pending and running < self.config.max_running:
+            startable = [j for j in pending if cap is None or per.get(j.owner, 0) < cap]
+            if not startable:
+                return
+            job = fair_order(startable, per)[0]
+            pending.remove(job)
             if self._launch(job):
                 running += 1
+                per[job.owner] = per.get(job.owner, 0) + 1
 
     def _finish_dry_run(self, job: JobRow) -> None:
         now = time.time()
@@ -216,8 +232,8 @@ class JobRunner:
         address = "auto" if self.backend.name == "ray" else None
         history = self.history_dir(job.owner) if self.config.history or job.spec.kind == "retrain" else None
         program = self.config.retrain_cmd if job.spec.kind == "retrain" else self.config.search_cmd
-        cmd = list(program) + job.spec.job_args(out, resume=resume, address=address, history=history,
-                                                job_id=job.job_id, extra=self.config.extra_args)
+        cmd = list(program) + self._pinned(job).job_args(out, resume=resume, address=address, history=history,
+                                                         job_id=job.job_id, extra=self.config.extra_args)
         now = time.time()
         # Claim the job first (a concurrent cancel of a QUEUED job wins or loses atomically).
         if not self.store.update(job.job_id, expect_state=QUEUED, state=RUNNING, attempts=attempt,
@@ -240,6 +256,35 @@ class JobRunner:
         log.info("job %s: %s, handle %s", job.job_id, msg, handle)
         self._notify()
         return True
+
+    PREDICTOR_FILE = "predictor.json"  # in the job's directory: the predictor version a "latest" search runs with
+
+    def predictor_version(self, job: JobRow) -> str:
+        """The predictor version that ranks (or ranked) a search's candidates: "shipped", or the client's "vN"
+        its `predictor: "latest"` stood for when the search was first launched."""
+        try:
+            return str(json.loads((self.job_dir(job.job_id) / self.PREDICTOR_FILE).read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return "shipped"
+
+    def _pinned(self, job: JobRow) -> JobSpec:
+        """The spec to launch: a search asking for its client's "latest" predictor runs with the version that is
+        latest at its first launch, kept for its resumes (and named in its result), not whatever a retrain made
+        latest meanwhile."""
+        spec = job.spec
+        if spec.kind != "search" or spec.request.predictor != "latest":
+            return spec
+        hist = self.history_dir(job.owner)
+        f = self.job_dir(job.job_id) / self.PREDICTOR_FILE
+        if not f.is_file():
+            latest = C.latest_predictor(hist) if self.config.history else None
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f.name + ".tmp")
+            tmp.write_text(json.dumps({"version": latest.stem if latest else "shipped"}))
+            tmp.replace(f)
+        version = self.predictor_version(job)
+        path = C.DEFAULT_PREDICTOR if version == "shipped" else str(C.versions_dir(hist) / f"{version}.pt")
+        return dataclasses.replace(spec, request=spec.request.replace(predictor=path))
 
     def _ingest(self, job: JobRow) -> dict | None:
         """Copy the search's new events into the log; returns its pending terminal event, if any."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dass_ray.service.contract import RESULT_FILE, RETRAIN_FILE, RequestError, SearchRequest
+from dass_ray.contract import RESULT_FILE, RETRAIN_FILE, RequestError, SearchRequest
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -35,6 +35,7 @@ class SearchSpec:
     request: SearchRequest
     teacher: str = ""
     dry_run: bool = False
+    seed_given: bool = False  # the client set `seed` (SearchSpec.seed is shown only then, 0 included)
 
     kind = "search"
     result_file = RESULT_FILE
@@ -53,8 +54,11 @@ class SearchSpec:
         return self
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "teacher": self.teacher, "dry_run": self.dry_run,
-                "request": self.request.to_dict()}
+        d = {"dataset": self.dataset, "teacher": self.teacher, "dry_run": self.dry_run,
+             "request": self.request.to_dict()}
+        if self.seed_given:  # only then: the canonical form of earlier jobs stays what it was
+            d["seed_given"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpec":
@@ -64,7 +68,8 @@ class SearchSpec:
                 if d.get(k):
                     req[k] = d[k]
             return cls(d["dataset"], SearchRequest(**req), d.get("teacher", ""), bool(d.get("dry_run")))
-        return cls(d["dataset"], SearchRequest.from_dict(d["request"]), d.get("teacher", ""), bool(d["dry_run"]))
+        return cls(d["dataset"], SearchRequest.from_dict(d["request"]), d.get("teacher", ""), bool(d["dry_run"]),
+                   bool(d.get("seed_given", False)))
 
     def canonical(self) -> str:
         """Canonical JSON: equal requests give equal strings (for idempotent submits)."""
@@ -277,6 +282,24 @@ CREATE TABLE IF NOT EXISTS uploads (
 _JOB_COLS = [f.name for f in dataclasses.fields(JobRow)]
 
 
+def fair_order(queued: list[JobRow], running: dict[str, int]) -> list[JobRow]:
+    """The order queued jobs start in when no job ends meanwhile: each next slot goes to the client with the
+    fewest jobs running (`running`: owner -> count) or already placed, ties to the one whose next job has waited
+    longest; each client's own jobs keep their submission order."""
+    heads: dict[str, list[JobRow]] = {}
+    for j in sorted(queued, key=lambda j: (j.qorder, j.job_id)):
+        heads.setdefault(j.owner, []).append(j)
+    load = dict(running)
+    out: list[JobRow] = []
+    while heads:
+        owner = min(heads, key=lambda o: (load.get(o, 0), heads[o][0].qorder, heads[o][0].job_id))
+        out.append(heads[owner].pop(0))
+        load[owner] = load.get(owner, 0) + 1
+        if not heads[owner]:
+            del heads[owner]
+    return out
+
+
 class JobStore:
     """The job table, event logs and uploads in one SQLite database (WAL: readers never block the writer).
 
@@ -345,9 +368,10 @@ class JobStore:
     _SELECT = "SELECT " + ", ".join(_JOB_COLS) + " FROM jobs"
 
     def create(self, owner: str, request_id: str, spec: JobSpec, *, max_queued: int | None = None,
-               now: float | None = None) -> tuple[JobRow, bool]:
+               max_queued_per_client: int | None = None, now: float | None = None) -> tuple[JobRow, bool]:
         """Insert a QUEUED job with its first event; returns (job, created). An existing (owner, request_id)
-        with the same spec returns that job (created False); with another spec raises RequestConflict."""
+        with the same spec returns that job (created False); with another spec raises RequestConflict. QueueFull
+        when `owner` already has `max_queued_per_client` jobs queued, or the server `max_queued` in all."""
         now = time.time() if now is None else now
         canon = spec.canonical()
         for _ in range(5):
@@ -364,10 +388,16 @@ class JobStore:
                                     f"request_id {request_id!r} was already used for a different request "
                                     f"(job {row.job_id})")
                             return row, False
+                    if max_queued_per_client is not None:
+                        n = con.execute("SELECT COUNT(*) FROM jobs WHERE state=? AND owner=?",
+                                        (QUEUED, owner)).fetchone()[0]
+                        if n >= max_queued_per_client:
+                            raise QueueFull(f"your queue is full ({n} of your jobs waiting, limit "
+                                            f"{max_queued_per_client} per client); retry when one has started")
                     if max_queued is not None:
                         n = con.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (QUEUED,)).fetchone()[0]
                         if n >= max_queued:
-                            raise QueueFull(f"the queue is full ({n} jobs waiting, limit {max_queued}); "
+                            raise QueueFull(f"the server's queue is full ({n} jobs waiting, limit {max_queued}); "
                                             f"retry later")
                     con.execute(
                         "INSERT INTO jobs (job_id, owner, request_id, spec, state, stage, message, created, qorder,"
@@ -419,12 +449,18 @@ class JobStore:
             return self._con().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         return self._con().execute("SELECT COUNT(*) FROM jobs WHERE state=?", (state,)).fetchone()[0]
 
-    def queue_position(self, job: JobRow) -> int:
+    def running_per_owner(self) -> dict[str, int]:
+        rows = self._con().execute("SELECT owner, COUNT(*) FROM jobs WHERE state=? GROUP BY owner", (RUNNING,))
+        return {o: n for o, n in rows.fetchall()}
+
+    def queue_positions(self) -> dict[str, int]:
+        """job id -> place in the start order (0: next) of every QUEUED job (`fair_order`)."""
+        return {j.job_id: i for i, j in enumerate(fair_order(self.in_state(QUEUED), self.running_per_owner()))}
+
+    def queue_position(self, job: JobRow, positions: dict[str, int] | None = None) -> int:
         if job.state != QUEUED:
             return -1
-        return self._con().execute(
-            "SELECT COUNT(*) FROM jobs WHERE state=? AND (qorder < ? OR (qorder = ? AND job_id < ?))",
-            (QUEUED, job.qorder, job.qorder, job.job_id)).fetchone()[0]
+        return (self.queue_positions() if positions is None else positions).get(job.job_id, -1)
 
     def update(self, job_id: str, *, expect_state: str | None = None, **fields) -> bool:
         """Set job fields; with `expect_state`, only if the job is in that state. Returns whether it changed."""
@@ -490,9 +526,3 @@ class JobStore:
         if r is None:
             return None
         return Upload(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
-
-    def find_upload(self, kind: str, sha256: str) -> Upload | None:
-        """Any client's upload of these bytes (to reuse a stored, already validated file)."""
-        r = self._con().execute("SELECT owner, kind, sha256, path, size, info, created FROM uploads"
-                                " WHERE kind=? AND sha256=? LIMIT 1", (kind, sha256)).fetchone()
-        return None if r is None else Upload(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])

@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dass_ray.service import contract as C
+from dass_ray import contract as C
 from dass_ray.fileutil import STORAGE_ENV, shared_datasets_root
 from dass_ray.service import jobs as J
 from dass_ray.service.jobs.rayhead import LocalRayHead
@@ -48,7 +49,9 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_running: int = 1
-    max_queued: int = 100
+    max_queued: int = 100  # per client
+    max_running_per_client: int = 0  # 0: up to max_running
+    max_queued_total: int = 1000
     max_upload_bytes: int = 512 << 20
     workers: int = 64  # server threads (each open WatchJob/DownloadArtifact stream holds one)
     grace_s: float = 10.0
@@ -80,6 +83,8 @@ class Service:
         backend = J.RayJobBackend(cfg.address or self.ray_head.address,
                                   env_vars={STORAGE_ENV: storage} if storage else None)
         rcfg = J.RunnerConfig(max_running=cfg.max_running, max_queued=cfg.max_queued,
+                              max_running_per_client=cfg.max_running_per_client,
+                              max_queued_total=cfg.max_queued_total,
                               extra_args=list(cfg.search_extra_args), history=cfg.history)
         if cfg.search_cmd:
             rcfg.search_cmd = list(cfg.search_cmd)
@@ -124,15 +129,19 @@ class Service:
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        """Drain: refuse new work, end watches, give in-flight calls `grace` seconds; searches keep running."""
+        """Drain: refuse new work, end watches, give in-flight calls `grace` seconds; searches keep running.
+        Until the calls in flight have finished (or `grace` is up) the port stays open: a new call is answered
+        (UNAVAILABLE "shutting down" for new work, health NOT_SERVING), not refused."""
         if self._stopped.is_set():
             return
         grace = self.cfg.grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
         self.servicer.draining.set()
         self.runner.drain()
         self.health.enter_graceful_shutdown()
         self.runner._notify()  # wake watchers so they end promptly
-        self.server.stop(grace).wait()
+        self.servicer.inflight.wait_idle(deadline - time.monotonic())
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.runner.stop()
         self.runner.store.close()
@@ -152,11 +161,11 @@ def create_server(cfg: ServerConfig) -> tuple[Service, int]:
 
 def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain (see Service.stop)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the port opens: a SIGTERM from then on drains
+        signal.signal(sig, lambda *_: stop.set())
     svc, port = create_server(cfg)
     print(f"dass-ray: serving dass_ray.v1.SearchService on port {port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
     print("dass-ray: draining (no new work; running searches continue)", flush=True)

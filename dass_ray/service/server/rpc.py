@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from dass_ray.service import contract as C
+from dass_ray import contract as C
 from dass_ray.service import jobs as J
 
 log = logging.getLogger("dass_ray.server")
@@ -144,32 +144,58 @@ def _checked(request):
     return _each(request) if hasattr(request, "__next__") else request
 
 
+class InFlight:
+    """Counts the calls being served, so that a draining server keeps its port open until they have finished."""
+
+    def __init__(self):
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> "InFlight":
+        with self._cond:
+            self._n += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._n -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no call is in flight, at most `timeout` seconds; whether that happened."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._n == 0, timeout=max(0.0, timeout))
+
+
 def _rpc(kind: str):
-    """Authenticate (the client's name is passed to the method) and turn exceptions into status codes."""
+    """Authenticate (the client's name is passed to the method), count the call in flight (`self.inflight`) and
+    turn exceptions into status codes."""
 
     def deco(fn):
         if kind == "stream":
             @functools.wraps(fn)
             def wrapper(self, request, context):
                 client = self._authenticate(context)
-                try:
-                    yield from fn(self, _checked(request), context, client)
-                except Exception as e:  # noqa: BLE001
-                    if isinstance(e, grpc.RpcError) or not context.is_active():
-                        return
-                    code, msg = _translate(e)
-                    context.abort(code, msg)
+                with self.inflight:
+                    try:
+                        yield from fn(self, _checked(request), context, client)
+                    except Exception as e:  # noqa: BLE001
+                        if isinstance(e, grpc.RpcError) or not context.is_active():
+                            return
+                        code, msg = _translate(e)
+                        context.abort(code, msg)
         else:
             @functools.wraps(fn)
             def wrapper(self, request, context):
                 client = self._authenticate(context)
-                try:
-                    return fn(self, _checked(request), context, client)
-                except Exception as e:  # noqa: BLE001
-                    if isinstance(e, grpc.RpcError):
-                        raise
-                    code, msg = _translate(e)
-                    context.abort(code, msg)
+                with self.inflight:
+                    try:
+                        return fn(self, _checked(request), context, client)
+                    except Exception as e:  # noqa: BLE001
+                        if isinstance(e, grpc.RpcError):
+                            raise
+                        code, msg = _translate(e)
+                        context.abort(code, msg)
         return wrapper
 
     return deco

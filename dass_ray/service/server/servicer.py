@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import grpc
 
 from dass_ray.fileutil import sha256_file
-from dass_ray.service import contract as C
+from dass_ray import contract as C
 from dass_ray.service import jobs as J
 from dass_ray.service.checks import Checker
-from dass_ray.service.server.rpc import ServiceError, _invalid, _rpc
+from dass_ray.service.server.rpc import InFlight, ServiceError, _invalid, _rpc
 from dass_ray.service.server.uploads import InputsMixin
 
 try:
@@ -40,6 +40,7 @@ _STATE_TO_PB = {J.QUEUED: pb.JOB_STATE_QUEUED, J.RUNNING: pb.JOB_STATE_RUNNING,
                 J.CANCELLED: pb.JOB_STATE_CANCELLED}
 _PB_TO_STATE = {v: k for k, v in _STATE_TO_PB.items()}
 _ARTIFACT_FILES = {getattr(pb, f"ARTIFACT_KIND_{kind.upper()}"): name for kind, name in C.ARTIFACTS.items()}
+_TABLES = frozenset(name for name in C.ARTIFACTS.values() if name.endswith(".parquet"))  # served scrubbed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,6 +51,8 @@ _ARTIFACT_FILES = {getattr(pb, f"ARTIFACT_KIND_{kind.upper()}"): name for kind, 
 def _spec_pb(s: J.SearchSpec) -> pb.SearchSpec:
     out = pb.SearchSpec(dataset=s.dataset, teacher=s.teacher, train_teacher=s.train_teacher, dry_run=s.dry_run)
     C.request_to_proto(s.request, out)
+    if not s.seed_given:  # "Seed, when one was given"
+        out.ClearField("seed")
     return out
 
 
@@ -99,6 +102,7 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         for d in (self.blob_dir / "datasets", self.blob_dir / "teachers", self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.draining = threading.Event()
+        self.inflight = InFlight()  # calls being served (a draining server waits for them)
         self._validate_slots = threading.BoundedSemaphore(cfg.check_workers)  # decoding is memory-heavy
         self.checker = Checker(cfg.check_workers)
         self._path_cache: dict[tuple, dict] = {}
@@ -144,9 +148,9 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
             raise _invalid(field_name, f"must be an absolute path on the cluster, got {raw[:200]!r}")
         p = Path(raw).resolve()
         if not any(p == r or r in p.parents for r in self._roots):
-            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"{field_name}: {raw[:200]} is outside the server's data roots "
-                               f"({', '.join(map(str, self._roots))})")
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,  # which directories are allowed is the
+                               f"{field_name}: {raw[:200]} is outside the directories this server lets "  # operator's
+                               f"clients name (its --data-root); upload the file instead")
         if not p.exists():
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field_name}: {raw[:200]}: no such file or directory")
         return p
@@ -179,7 +183,24 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
                                     f"request (job {old.job_id})")
         return old
 
+    @staticmethod
+    def _check_ranges(request) -> None:
+        """The bounds of the integer knobs as a client sends them: 0 (the default, where 0 means one) up to the
+        search's limit, integers written out."""
+        for f in C.REQUEST_FIELDS:
+            if f.proto is None or f.type is not int or f.hi is None:
+                continue
+            if f.name == "seed" and not request.HasField("seed"):
+                continue
+            v = request
+            for part in f.proto.split("."):
+                v = getattr(v, part)
+            if not 0 <= v <= f.hi:
+                raise _invalid(f.proto, f"must be in [0, {int(f.hi)}]" + (f" (0: {f.zero})" if f.zero else "")
+                               + f", got {v}")
+
     def _spec(self, request, client: str) -> J.SearchSpec:
+        self._check_ranges(request)
         req = C.request_from_proto(request, dataset="?", teacher="?", defaults=self.cfg.search_defaults)
         req.validate()  # cheap checks first
         self.cfg.caps.check(req)
@@ -189,11 +210,18 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         dataset, dataset_path, dinfo = self._resolve(request, client, "dataset")
         teacher, teacher_path, tinfo = self._resolve(request, client, "teacher")
         names = dinfo.get("all_class_names") or dinfo["class_names"]
+        picked = range(dinfo["num_classes"])
         if req.classes:
             if len(names) < dinfo["num_classes"]:
                 raise _invalid("classes", "this dataset was uploaded before class subsets were supported; "
                                "upload it again")
-            C.resolve_classes(req.classes, names)
+            picked = C.resolve_classes(req.classes, names)
+        counts = dinfo.get("class_counts")  # absent for datasets checked before it was recorded
+        for c in picked if counts else ():
+            if counts[c] < 2:  # the search splits every class into training and validation images
+                raise _invalid("classes" if req.classes else request.WhichOneof("dataset"),
+                               f"class {c} ('{names[c]}') has {counts[c]} image{'' if counts[c] == 1 else 's'}; "
+                               f"every class searched needs at least 2 (one to train on, one to validate)")
         num_classes = len(req.classes) or dinfo["num_classes"]
         scale = req.scale
         if tinfo is not None:
@@ -209,7 +237,8 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         if req.max_flops or req.max_params:
             self._check_budget(req, num_classes)
         return J.SearchSpec(dataset=dataset, teacher=teacher, dry_run=request.dry_run,
-                            request=req.replace(dataset=dataset_path, teacher=teacher_path or "train")).validate()
+                            request=req.replace(dataset=dataset_path, teacher=teacher_path or "train"),
+                            seed_given=request.HasField("seed")).validate()
 
     def _check_budget(self, req: C.SearchRequest, num_classes: int) -> None:
         """The smallest student of the space must fit the budget (checked by a worker process: it needs torch)."""
@@ -226,9 +255,9 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
 
     @_rpc("unary")
     def ListJobs(self, request, context, client):
-        if request.page_size < 0:
-            raise _invalid("page_size", f"must be >= 0, got {request.page_size}")
-        size = min(request.page_size or 50, 500)
+        if not 0 <= request.page_size <= 500:
+            raise _invalid("page_size", f"must be in [0, 500] (0: 50), got {request.page_size}")
+        size = request.page_size or 50
         states = []
         for s in request.states:
             if s not in _PB_TO_STATE:
@@ -250,7 +279,8 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         nxt = ""
         if more:
             nxt = json.dumps({"c": rows[-1].created, "j": rows[-1].job_id, "f": filt}).encode().hex()
-        return pb.ListJobsResponse(jobs=[_job_pb(j, self.store.queue_position(j)) for j in rows],
+        pos = self.store.queue_positions() if any(j.state == J.QUEUED for j in rows) else {}
+        return pb.ListJobsResponse(jobs=[_job_pb(j, self.store.queue_position(j, pos)) for j in rows],
                                    next_page_token=nxt)
 
     @_rpc("stream")
@@ -274,7 +304,9 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
                 continue
             job = self.store.get(job.job_id)
             if job.terminal and seq > job.last_sequence:
-                return  # asked past the end of a finished job: nothing more will come
+                # asked past the end of a finished job: nothing more will come; answer how it ended
+                yield from (_event_pb(e) for e in self.store.events(job.job_id, job.last_sequence, limit=1))
+                return
             if self.draining.is_set():
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; reconnect with "
                                    f"from_sequence={seq}")
@@ -315,14 +347,36 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         student = pb.Student(arch_json=b.arch_json, depths=b.depths, measured_acc=b.measured_acc,
                              predicted_acc=b.predicted_acc, flops=b.flops, params=b.params,
                              predicted_rank=b.predicted_rank)
-        arts = [pb.ArtifactInfo(kind=kind, filename=name, size_bytes=(out / name).stat().st_size)
-                for kind, name in _ARTIFACT_FILES.items() if (out / name).is_file()]
+        arts = [pb.ArtifactInfo(kind=kind, filename=name, size_bytes=served.stat().st_size)
+                for kind, name in _ARTIFACT_FILES.items() if (served := self._served(job, name)) is not None]
         doc = res.to_dict()  # the client sees its own names for the inputs, not the server's files
-        doc["request"].update(dataset=job.spec.dataset, teacher=job.spec.teacher or "train", predictor="")
+        doc["request"].update(dataset=job.spec.dataset, teacher=job.spec.teacher or "train",
+                              predictor="latest" if job.spec.request.predictor == "latest" else "")
+        doc["predictor_version"] = self.runner.predictor_version(job)  # "shipped" or the client's "vN"
         return pb.SearchResult(job_id=job.job_id, best=student, teacher_acc=res.teacher_acc,
                                timings_s=res.timings_s, candidates=res.candidates, top_k=res.top_k, artifacts=arts,
                                result_json=json.dumps(doc), input_spec=pb.InputSpec(**res.input_spec.to_dict()),
                                class_names=res.class_names, warnings=res.warnings, spec=_spec_pb(job.spec))
+
+    def _served(self, job: J.JobRow, name: str) -> Path | None:
+        """The file a client gets for artifact `name` (None: the job has none). Tables are served as a copy whose
+        cells name no server file (a trial's checkpoint path becomes relative to the job's output, or empty),
+        made once by a check worker (the server process loads no Parquet library)."""
+        out = self.runner.output_dir(job.job_id)
+        src = out / name
+        if not src.is_file():
+            return None
+        if name not in _TABLES:
+            return src
+        dst = self.runner.job_dir(job.job_id) / "client" / name
+        if not dst.is_file() or dst.stat().st_mtime_ns < src.stat().st_mtime_ns:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _, err = self.checker.call("client_table", src=str(src), dst=str(dst), out_dir=str(out),
+                                       hidden=[str(Path(self.cfg.state_dir).resolve()), str(self.cfg.state_dir)])
+            if err:
+                log.error("job %s: cannot make the client's copy of %s: %s", job.job_id, name, err)
+                raise ServiceError(grpc.StatusCode.DATA_LOSS, f"job {job.job_id}: its {name} is unreadable")
+        return dst
 
     @_rpc("stream")
     def DownloadArtifact(self, request, context, client):
@@ -330,8 +384,8 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
             raise _invalid("kind", f"unknown or unspecified artifact kind {request.kind}")
         job = self._finished(request.job_id, client)
         name = _ARTIFACT_FILES[request.kind]
-        path = self.runner.output_dir(job.job_id) / name
-        if not path.is_file():
+        path = self._served(job, name)
+        if path is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"job {job.job_id} has no {name}")
         st = path.stat()
         if not 0 <= request.offset <= st.st_size:
@@ -359,6 +413,9 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         rid = request.request_id
         if rid and not _REQUEST_ID_RE.match(rid):
             raise _invalid("request_id", "at most 128 printable ASCII characters, no spaces")
+        if not 0 <= request.episodes <= J.RetrainSpec.max_episodes:
+            raise _invalid("episodes", f"must be in [0, {J.RetrainSpec.max_episodes}] (0: {J.RetrainSpec.episodes})"
+                           f", got {request.episodes}")
         spec = J.RetrainSpec(episodes=request.episodes or J.RetrainSpec.episodes,
                              seed=request.seed if request.HasField("seed") else 0)
         spec.validate()

@@ -81,21 +81,19 @@ class InputsMixin:
         self._not_draining()
         sha, tmp, size, name = self._receive(request_iterator, context, kind)
         try:
-            mine = self.store.get_upload(client, kind, sha)
-            if mine is not None and Path(mine.path).is_file():
-                return mine, True
             ext = Path(name).suffix.lower()
             final = self.blob_dir / f"{kind}s" / f"{sha}{ext if kind == 'dataset' else '.pt'}"
-            known = self.store.find_upload(kind, sha)
-            if known is not None and Path(known.path).is_file():
-                info = known.info  # the same bytes were validated for another client
-            else:
-                typed = tmp.with_suffix(final.suffix)
-                tmp.rename(typed)
-                tmp = typed
-                with self._validate_slots:
-                    info = validate(tmp, name)
-                os.replace(tmp, final)
+            mine = self.store.get_upload(client, kind, sha)
+            if mine is not None and Path(mine.path).is_file() and Path(mine.path).suffix == final.suffix:
+                return mine, True  # this client already sent these bytes, in this format
+            # Validated for this client and format, whoever else sent the same bytes before: the answer (and
+            # how long it takes) tells nobody what another client uploaded. The stored file is shared.
+            typed = tmp.with_suffix(final.suffix)
+            tmp.rename(typed)
+            tmp = typed
+            with self._validate_slots:
+                info = validate(tmp, name)
+            os.replace(tmp, final)
             up = J.Upload(client, kind, sha, str(final), size, info, time.time())
             self.store.put_upload(up)
             return up, False

@@ -38,8 +38,11 @@ EVENTS_FILE = "events.jsonl"
 RESULT_FILE = "result.json"
 RETRAIN_FILE = "retrain.json"  # a retrain job's result: the new predictor version's manifest
 # artifact kind (the proto's ArtifactKind without its prefix, lower case) -> file name
-ARTIFACTS = {"torchscript": "student.torchscript.pt", "weights": "student.pt", "report": "report.png",
-             "candidates": "candidates.parquet", "trials": "trials.parquet"}
+ARTIFACTS = {"torchscript": "student.torchscript.pt", "onnx": "student.onnx", "torch_export": "student.pt2",
+             "weights": "student.pt", "report": "report.png", "candidates": "candidates.parquet",
+             "trials": "trials.parquet"}
+# The formats the student is exported in (`SearchResult.exports`; file names as in ARTIFACTS)
+EXPORT_FORMATS = ("torchscript", "onnx", "torch_export")
 
 # The remapping schemes (dass_ray.core.remap.schemes(); a test keeps the two equal) and scale names
 # (dass_ray.core.config.SCALES), listed here so that validation needs no torch.
@@ -48,10 +51,10 @@ SCALE_SPACES = {"cpu": "cpu", "tiny": "cpu", "paper": "paper"}  # scale -> the s
 SCALE_NAMES = tuple(SCALE_SPACES)
 # The orders a search distils its candidates in, and the default (dass_ray.core.ranking.ORDERS / DEFAULT_ORDER; a
 # test keeps them equal).
-ORDERS = ("dass_size", "dass")
-DEFAULT_ORDER = "dass_size"
+ORDERS = ("posterior", "dass_size", "dass")
+DEFAULT_ORDER = "posterior"
 
-_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parent
 DEFAULT_TEACHER = str(_PACKAGE / "assets" / "teachers" / "mnist5k_cpu.pt")
 DEFAULT_PREDICTOR = str(_PACKAGE / "assets" / "predictor" / "cpu.pt")
 
@@ -116,9 +119,13 @@ REQUEST_FIELDS: tuple[Field, ...] = (
           proto="scale", zero="default"),
     Field("remap", str, "", "how a student inherits the teacher's weights", choices=REMAP_SCHEMES, proto="remap",
           zero="the scale's (first_k)"),
-    Field("order", str, "", "the order candidates are distilled in: dass_size (the predictor's ranking blended with "
-          "parameter count when the teacher is well above chance) or dass (the predictor's scores alone)",
-          choices=ORDERS, proto="order", zero=DEFAULT_ORDER),
+    Field("order", str, "", "the order candidates are distilled in: posterior (each next one from the posterior "
+          "given every student measured so far, the predictor's scores as the prior), dass_size (the predictor's "
+          "ranking blended with parameter count when the teacher is well above chance, fixed in advance) or dass "
+          "(the predictor's scores alone)", choices=ORDERS, proto="order", zero=DEFAULT_ORDER),
+    Field("stop_probability", float, 0.0, "stop early once the posterior probability that any untried candidate "
+          "beats the best measured one by more than 0.5 points falls below this", lo=0.0, hi=1.0,
+          proto="stop_probability", zero="never stop early"),
     Field("readapt", bool, False, "re-adapt the predictor on the teacher + measured students after each KD trial "
           "and re-rank the remaining candidates", proto="readapt"),
     Field("asha", bool, False, "ASHA early stopping of weak KD trials", proto="asha"),
@@ -143,6 +150,12 @@ class _Request:
             if f.type is int:
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise RequestError(f.name, f"{f.name} must be an integer, got {v!r}")
+                if (f.lo is not None and v < f.lo) or (f.hi is not None and v > f.hi):  # bounds written out
+                    raise RequestError(f.name, f"{f.name} must be in [{int(f.lo)}, {int(f.hi)}]"
+                                       + (f" (0: {f.zero})" if f.lo == 0 and f.zero else "") + f", got {v}")
+            elif f.type is float:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                    raise RequestError(f.name, f"{f.name} must be a number, got {v!r}")
                 if (f.lo is not None and v < f.lo) or (f.hi is not None and v > f.hi):
                     raise RequestError(f.name, f"{f.name} must be in [{f.lo:g}, {f.hi:g}]"
                                        + (f" (0: {f.zero})" if f.lo == 0 and f.zero else "") + f", got {v}")
@@ -208,7 +221,7 @@ class _Request:
 SearchRequest = dataclasses.make_dataclass(
     "SearchRequest", [(f.name, tuple[str, ...] if f.type is tuple else f.type, dataclasses.field(default=f.default))
                       for f in REQUEST_FIELDS], bases=(_Request,), frozen=True)
-SearchRequest.__module__ = __name__  # pickles and reprs as dass_ray.service.contract.SearchRequest
+SearchRequest.__module__ = __name__  # pickles and reprs as dass_ray.contract.SearchRequest
 SearchRequest.__doc__ = "One search, as `scripts/search.py` runs it (fields and defaults: `REQUEST_FIELDS`)."
 
 
@@ -302,6 +315,8 @@ def request_from_proto(msg, *, dataset: str, teacher: str, defaults: dict | None
             v = tuple(str(c) for c in v)
         elif f.type is int:
             v = int(v)
+        elif f.type is float:
+            v = float(v)
         if v in (0, "") and not isinstance(v, bool):
             v = defaults.get(f.name, f.default)
         kw[f.name] = v
@@ -445,6 +460,11 @@ class SearchResult:
     class_names: list[str]
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # why the search ran fewer than top_k trials (--stop-probability), "" when it ran them all
+    stop_reason: str = ""
+    # the exported student: [{"format": one of EXPORT_FORMATS, "file": its name in the output directory}] (empty in
+    # results written before ONNX and torch.export files were made: then only student.torchscript.pt exists)
+    exports: list[dict] = field(default_factory=list)
     format: str = RESULT_FORMAT
 
     def to_dict(self) -> dict:
