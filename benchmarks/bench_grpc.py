@@ -37,7 +37,7 @@ def start_server(state: Path, token_file: Path, workers: int) -> tuple[subproces
     """The server process, its port, and the seconds from launch until its health check answered SERVING."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "dass_ray.service.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--state-dir",
-           str(state), "--token-file", str(token_file), "--workers", str(workers), "--max-queued", "100000"]
+           str(state), "--token-file", str(token_file), "--workers", str(workers), "--max-queued", "100000", "--max-queued-total", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(state.parent / "server.log", "wb"), text=True,
                          cwd=str(ROOT))
     line = p.stdout.readline()

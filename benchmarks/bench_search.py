@@ -9,8 +9,10 @@ percentile, `np.percentile`). Under a budget the pool *is* the in-budget student
 computed on that pool, and the task's best is its best in-budget student.
 
 Strategies (a "trial" looks up the pool's recorded KD accuracy):
-  default     exactly what scripts/search.py does with default options: `SearchConfig().searcher == "posterior"`
-              when that field exists and says so, else its `order` (`dass_size` when unset); see "default_is".
+  default     exactly what scripts/search.py does with default options: its `SearchConfig().order`, or when that
+              is unset the contract's DEFAULT_ORDER (`posterior`, `dass_size` or `dass`); see "default_is". The
+              search is simulated one trial at a time (with several KD trials in flight the real search proposes
+              the next-best candidates of the same posterior before their results are in).
   optuna_tpe  Optuna's TPESampler (multivariate, --tpe-startup random start-up trials, default 5);
   optuna_gp   Optuna's GPSampler (--gp-startup start-up trials, default 3; its acquisition's local search runs
               from 4 starting points instead of 10, after its 2048 quasi-random candidates, for speed: a proposal
@@ -23,8 +25,10 @@ Strategies (a "trial" looks up the pool's recorded KD accuracy):
   params      largest parameter count first.
   dass        the shipped predictor's order (after its own teacher-guided adaptation).
   dass_size   `dass_ray.core.ranking.size_blend`: the predictor's rank blended with parameter count.
-  posterior   `dass_ray.core.posterior.PoolModel` with the prior of --prior: at every step the untried candidate
-              of highest posterior mean is measured and observed (`posterior_order`).
+  posterior   `dass_ray.core.posterior.PoolModel` with the prior of --prior (default: the shipped one; without
+              that file, one fit with `fit_prior` on the train pools): at every step the untried candidate of
+              highest posterior mean (the search's acquisition, "posterior_acquisition") is measured and observed
+              (`posterior_order`).
 
 Reliability: a task's labels are reliable when its seed-to-seed ceiling
 (`dass_ray.core.ranking.label_ceiling(seed_pairs, label_seeds)["ceiling"]`) is at least 0.5. Tasks without seed
@@ -191,14 +195,7 @@ def posterior_order(prior: Prior, pool: PoolData, acquisition: str = "mean", see
     rng = np.random.default_rng(seed)
     order: list[int] = []
     while len(order) < n and not _done(order, acc):
-        if acquisition == "mean":
-            m = np.asarray(model.mean(), float).copy()
-            m[order] = -np.inf
-            i = int(np.argmax(m))
-        elif acquisition == "thompson":
-            i = model.choose(rng)
-        else:
-            raise ValueError(f"unknown acquisition {acquisition!r}")
+        i = model.next_candidate(acquisition, rng, exclude=order)  # what the search's PosteriorSearcher asks
         order.append(int(i))
         model.observe(int(i), float(acc[i]))
     m = np.asarray(model.mean(), float)
@@ -213,7 +210,8 @@ def random_metrics(acc: np.ndarray, rng: np.random.Generator, n_perm: int = N_RA
 
 
 def task_results(bt: BenchTask, budget: str, strategies, prior: Prior | None, seeds: int, seed: int,
-                 default_is: str, tpe_startup: int = 5, gp_startup: int = 3) -> tuple[dict, int]:
+                 default_is: str, tpe_startup: int = 5, gp_startup: int = 3, acquisition: str = "mean"
+                 ) -> tuple[dict, int]:
     """{strategy: {"trials": x, "regret": {k: r}, ["per_seed": [...]]}} on one task under one budget, and the
     in-budget pool size."""
     mask = budget_mask(bt.pool.flops, budget)
@@ -236,7 +234,7 @@ def task_results(bt: BenchTask, budget: str, strategies, prior: Prior | None, se
         elif s == "posterior":
             if prior is None:
                 raise ValueError("the posterior strategy needs a prior")
-            res[s] = order_metrics(posterior_order(prior, pool, "mean", seed), acc)
+            res[s] = order_metrics(posterior_order(prior, pool, acquisition, seed), acc)
         elif s in SEEDED:
             per = [order_metrics(optuna_order(feats, acc, s, seed + j, tpe_startup, gp_startup), acc)
                    for j in range(seeds)]
@@ -296,7 +294,7 @@ def summarise(per_task: dict[str, dict], tasks: list[BenchTask], strategies, see
 
 def run_benchmark(tasks: list[BenchTask], prior: Prior | None, strategies=STRATEGIES, seeds: int = 5,
                   seed: int = 0, default_is: str = DEFAULT_ORDER, budgets=BUDGETS, tpe_startup: int = 5,
-                  gp_startup: int = 3, log=None) -> dict:
+                  gp_startup: int = 3, log=None, acquisition: str = "mean") -> dict:
     """The benchmark's JSON (less the run's metadata) on `tasks`."""
     out: dict = {"budgets": {}, "budget_pool_sizes": {}}
     for b in budgets:
@@ -304,7 +302,7 @@ def run_benchmark(tasks: list[BenchTask], prior: Prior | None, strategies=STRATE
         for t in tasks:
             t0 = time.time()
             per_task[t.task_id], sizes[t.task_id] = task_results(t, b, strategies, prior, seeds, seed, default_is,
-                                                                 tpe_startup, gp_startup)
+                                                                 tpe_startup, gp_startup, acquisition)
             if log:
                 log(f"[{b}] {t.task_id} (pool {sizes[t.task_id]}, {time.time() - t0:.1f}s) trials: "
                     + ", ".join(f"{s} {per_task[t.task_id][s]['trials']:.2f}" for s in strategies))
@@ -404,8 +402,13 @@ def main(argv=None) -> int:
 
     space = get_space(get_scale(args.scale).space)
     defaults = SearchConfig()
+    try:  # the default the search resolves an unset order to
+        from dass_ray.contract import DEFAULT_ORDER as search_default_order
+    except ImportError:
+        search_default_order = DEFAULT_ORDER
     searcher = getattr(defaults, "searcher", None)
-    default_is = "posterior" if searcher == "posterior" else (defaults.order or DEFAULT_ORDER)
+    default_is = "posterior" if searcher == "posterior" else (defaults.order or search_default_order)
+    acquisition = getattr(defaults, "acquisition", None) or "mean"
     if getattr(defaults, "readapt", False):
         log("note: the search's default re-adapts the predictor after each trial; this benchmark does not model "
             f"that, 'default' is its order {default_is}")
@@ -435,9 +438,10 @@ def main(argv=None) -> int:
             log(f"note: {bt.task_id} left out of the means: seed-to-seed ceiling {bt.ceiling:.3f} < "
                 f"{MIN_RELIABLE_CEILING}")
     out = run_benchmark(bench, prior, strategies, args.seeds, args.seed, default_is, budgets, args.tpe_startup,
-                        args.gp_startup, log)
+                        args.gp_startup, log, acquisition)
     out.update({"default_is": default_is, "metadataset": args.metadataset, "roles": args.roles,
-                "predictor": args.predictor, "prior": prior_src, "seeds": args.seeds, "seed": args.seed,
+                "predictor": args.predictor, "prior": prior_src, "posterior_acquisition": acquisition,
+                "seeds": args.seeds, "seed": args.seed,
                 "label_seeds": {t.task_id: t.label_seeds for t in tasks},
                 "optuna": {"tpe_startup": args.tpe_startup, "gp_startup": args.gp_startup, "gp_local_search": 4},
                 "elapsed_s": round(time.time() - t_start, 1)})

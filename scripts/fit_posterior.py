@@ -25,6 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    from dass_ray._deps import require
+except ModuleNotFoundError:  # dass_ray is not installed for this python: the checkout's copy says what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dass_ray._deps import require
+
+require()
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -88,6 +88,9 @@ class RayHead:
 
     def kill(self) -> None:
         kill_under(self.tmp)
+        # the head's Ray Client server (ray.util.client.server) names no temp dir, only the head's GCS address
+        # (seen as --address=<the machine's own IP>:<gcs port>, not 127.0.0.1): any argument ending in the GCS port
+        kill_under(f":{self.gcs}\0")  # /proc cmdline: NUL-separated
 
     def cleanup(self) -> None:
         self.kill()

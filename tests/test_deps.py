@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BASE = getattr(sys, "_base_executable", "") or ""
 ENTRY = ["scripts/search.py", "scripts/build_metadataset.py", "scripts/meta_train.py", "scripts/retrain.py",
-         "scripts/train_teacher.py", "scripts/evaluate.py", "scripts/fit_order.py", "scripts/sweep_meta.py",
+         "scripts/train_teacher.py", "scripts/evaluate.py", "scripts/fit_order.py", "scripts/fit_posterior.py", "scripts/sweep_meta.py",
          "benchmarks/bench_distributed.py", "benchmarks/bench_history.py"]
 
 

@@ -223,20 +223,22 @@ def test_truncate_partial_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _procs_with(marker: str) -> list[int]:
+def _procs_with(marker: str, environ: bool = False) -> list[int]:
+    """Processes whose command line (or, with `environ`, environment) mentions `marker`."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace") or (
+                        environ and marker.encode() in (d / "environ").read_bytes()):
                     out.append(int(d.name))
             except OSError:
                 pass
     return out
 
 
-def _kill_all(marker: str) -> None:
-    for pid in _procs_with(marker):
+def _kill_all(marker: str, environ: bool = False) -> None:
+    for pid in _procs_with(marker, environ):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
@@ -252,7 +254,13 @@ def local_env(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     yield tmp
-    _kill_all(tmp)
+    # everything the searches started: their local Ray's processes name the temp dir on their command lines, but
+    # its idle workers ("ray::IDLE") do not -- they carry it in their environment (RAY_TMPDIR), as every process
+    # started under this fixture does
+    t0 = time.monotonic()
+    while _procs_with(tmp, environ=True) and time.monotonic() - t0 < 15:
+        _kill_all(tmp, environ=True)
+        time.sleep(0.2)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

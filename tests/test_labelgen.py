@@ -145,8 +145,13 @@ def test_plan_file_counts_and_a_plan_that_extends_the_directory(built, tmp_path)
     assert "no meta-training tasks: the architecture-only baseline is skipped" in p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert list(res["tasks"]) == [tid] and "arch_only" not in res["tasks"][tid]
-    assert {"dass", "dass_size", "params", "flops", "synflow", "naswot", "kd_start", "random"} <= set(res["tasks"][tid])
-    assert res["default_method"] == "dass_size" and "dass" in res["diff_vs_default_ci"]
+    assert {"posterior", "dass", "dass_size", "params", "flops", "synflow", "naswot", "kd_start",
+            "random"} <= set(res["tasks"][tid])
+    assert res["default_method"] == "posterior" and "dass_size" in res["diff_vs_default_ci"]
+    # the posterior's intervals after 0, 1 and 3 measured students, judged on the students not yet measured
+    cal = res["posterior_intervals"]["per_task"][tid]
+    assert [cal[k]["students"] for k in ("0", "1", "3")] == [cal["0"]["students"], cal["0"]["students"] - 1,
+                                                               cal["0"]["students"] - 3]
     # the predictor's own adaptation is `dass`; every other mode is shown beside it
     from dass_ray.core.meta import ADAPTATIONS
 

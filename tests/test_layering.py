@@ -30,7 +30,7 @@ LAYERS = {
 RAY_FREE = ([f"core.{m}" for m in LAYERS["core"]] + ["offline.plans", "offline.metadataset", "offline.metatrain"]
             + [f"service.{m.replace('/', '.')}" for m in LAYERS["service"]]
             + ["contract", "fileutil", "cluster_config"])
-TORCH_FREE = ["contract", "service.client", "service.cli", "service.server", "service.jobs", "fileutil"]
+TORCH_FREE = ["contract", "service.client", "service.cli", "service.server", "service.jobs", "fileutil", "_deps"]
 
 
 def imports(path: Path) -> list[str]:

@@ -289,12 +289,19 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     (out / "result.json").unlink()
     rows1 = pq.read_table(hist / "students").to_pylist()
     assert len(rows1) == 2 and {r["arch_json"] for r in rows1} == {t["arch_json"] for t in trials}
-    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True, storage=str(store), history=str(hist))
+    c2 = cfg(tmp_path, predictor_path, candidates=40, top_k=2, resume=True, storage=str(store), history=str(hist),
+             order="dass_size")
     SearchRun(prepare(c2)).run()
     # the resumed search re-exports and records its students again: the history still holds them once
     from dass_ray.offline.metadataset import load_history
 
-    assert len(list((hist / "students").glob("*.parquet"))) == 1
+    # counted on disk (load_history would count a student recorded twice once): one file each, the same rows
+    assert [p.name for p in (hist / "students").iterdir()] == [p.name for p in (hist / "tasks").iterdir()] == \
+        [f"{json.loads((out / 'state.json').read_text())['run_id']}.parquet"]
+    rows2 = pq.read_table(hist / "students").to_pylist()
+    assert sorted((r["arch_json"], r["best_acc"]) for r in rows2) == sorted((r["arch_json"], r["best_acc"])
+                                                                            for r in rows1)
+    assert len(pq.read_table(hist / "tasks").to_pylist()) == 1
     (task,) = load_history(hist)
     assert task.role == "history" and len(task.acc) == 2 and task.teacher_acc == pytest.approx(0.959, abs=1e-3)
     assert sorted(task.acc.tolist()) == pytest.approx(sorted(t["measured_acc"] for t in trials))

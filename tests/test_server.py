@@ -642,6 +642,10 @@ def test_contract_details_as_a_client_sees_them(alice):
         assert bounds in msg and "e+" not in msg, msg
     msg = expect(IA, alice.retrain, episodes=-1, contains="episodes")
     assert "[0, 100000] (0: 100)" in msg, msg
+    from dass_ray import contract as C  # the same bounds from the command line (scripts/search.py --seed)
+
+    with pytest.raises(C.RequestError, match=r"seed must be in \[0, 4294967295\], got 4294967296"):
+        C.SearchRequest(dataset="d", teacher="t", seed=2**32).validate()
     # ListJobs: a page_size over the .proto's bound (500) is refused, not clamped.
     msg = expect(IA, lambda: alice._call(alice.stub.ListJobs, pb.ListJobsRequest(page_size=501)),
                  contains="page_size")
@@ -1060,7 +1064,11 @@ def test_a_retrain_job_leaves_nothing_on_the_head_and_one_task_is_never_promoted
         assert not v.promoted and not v.latest, v
         assert "no held-out task" in json.loads(v.manifest_json)["promotion"]
     alive = [a.class_name for a in list_actors(address=ray_head.address, filters=[("state", "=", "ALIVE")])]
-    assert not {"_AutoscalingCoordinatorActor", "TrainController"} & set(alive), alive
+    if {"_AutoscalingCoordinatorActor", "TrainController"} & set(alive):
+        from ray.job_submission import JobSubmissionClient
+
+        logs = JobSubmissionClient(ray_head.address).get_job_logs(f"dass-{job.job_id}-1")
+        pytest.fail(f"left on the head after the retrain job: {alive}; the job's log ends:\n{logs[-3000:]}")
 
 
 def _search_running(c, job_id):
@@ -1120,6 +1128,9 @@ def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray
     trials = pq.read_table(alice.download(job.job_id, "trials", tmp_path)).to_pylist()
     assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)  # top_k, each measured once
     assert best.measured_acc == max(t["measured_acc"] for t in trials) > 0.1  # 10 classes: chance 0.1
+    for t in trials:  # a real search's checkpoints, named relative to its output (no server path)
+        assert t["checkpoint"] and not t["checkpoint"].startswith("/") and "://" not in t["checkpoint"], t
+        assert str(ray_server.state_dir) not in str(t), t
 
 
 @pytest.mark.slow
@@ -1137,8 +1148,8 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
     try:
         with client(srv) as c:
             kw = dict(dataset_path=str(MNIST), teacher_path=str(TEACHER))
-            j1 = c.submit(**kw, **dict(TINY, top_k=3), readapt=True)
-            j2 = c.submit(**kw, **dict(TINY, kd_epochs=2), asha=True)
+            j1 = c.submit(**kw, **dict(TINY, top_k=3), readapt=True, predictor="latest")  # none retrained yet
+            j2 = c.submit(**kw, **dict(TINY, kd_epochs=2), asha=True, seed=1)
             for j, words in ((j1, "re-ranking the rest after each"), (j2, "ASHA early stopping")):
                 final = c.wait(j.job_id, timeout_s=900)
                 assert state_name(final.state) == "SUCCEEDED", final.error
@@ -1150,9 +1161,13 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
                 assert len(r.class_names) == 10 and set(r.timings_s) <= {"teacher", "score", "kd", "export"}
                 doc = json.loads(r.result_json)
                 assert doc["request"]["readapt"] == (j is j1) and doc["request"]["dataset"] == str(MNIST)
+                # which predictor version ranked the candidates: alice has none retrained, so the shipped one
+                assert (doc["request"]["predictor"], doc["predictor_version"]) == (
+                    ("latest" if j is j1 else ""), "shipped")
                 for text in [r.result_json] + [e.message for e in evs]:  # no server path reaches the client
                     assert str(srv.state_dir) not in text, text
-        # Each search appended its students to alice's own history (one task: same data, teacher and classes).
+        # Each search appended its students to alice's own history (one task: same data, teacher and classes,
+        # though the two searches' seeds, and so the images they drew, differ).
         import hashlib
 
         from dass_ray.offline.metadataset import load_history
@@ -1174,7 +1189,8 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
             expect(grpc.StatusCode.FAILED_PRECONDITION, c.result, rj.job_id, contains="not a search")
             (v,) = c.predictors()
             assert v.version == "v1" and v.parent_version == "shipped" and v.history_tasks == 1
-            assert v.history_students == len(task.acc) and v.latest == v.promoted
+            assert v.history_students == len(task.acc)
+            assert not v.promoted and not v.latest  # one task: none held out to judge it on, never promoted
             assert str(srv.state_dir) not in v.manifest_json
             expect(grpc.StatusCode.FAILED_PRECONDITION, b.retrain, contains="history is empty")
             assert b.predictors() == []

@@ -258,6 +258,37 @@ def parser():
     return ap
 
 
+def _release_train_coordinator() -> None:
+    """Ray Train creates a detached `AutoscalingCoordinator` actor on the cluster (one per cluster, on first use)
+    and never removes it: on a long-lived head (the service's), a retrain would leave it running. It is removed
+    when no other Train run on the cluster is alive (they share it)."""
+    import sys
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        actor = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # none (or a Ray that names it otherwise)
+        return
+    try:
+        from ray.util.state import list_actors
+
+        mine = ray.get_runtime_context().get_job_id()  # this run's controller may not have exited yet
+        others = [a for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+                  if a.job_id != mine]
+    except Exception as e:  # noqa: BLE001 - no state API (a head without a dashboard): leave it
+        print(f"Ray Train's AutoscalingCoordinator actor is left on the cluster (cannot list Train runs: {e})",
+              file=sys.stderr)
+        return
+    if others:
+        print(f"Ray Train's AutoscalingCoordinator actor is left on the cluster: {len(others)} other Train run(s) "
+              f"use it", file=sys.stderr)
+    else:
+        ray.kill(actor)
+
+
 def main(argv=None) -> int:
     """`scripts/retrain.py` (and `python -m dass_ray.offline.retrain`, which the service runs as a job)."""
     import shlex
@@ -294,6 +325,7 @@ def main(argv=None) -> int:
     finally:
         import ray
 
+        _release_train_coordinator()
         ray.shutdown()
     if out is not None:
         atomic_write_text(out / "retrain.json", json.dumps(meta, indent=1))

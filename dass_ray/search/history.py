@@ -33,6 +33,25 @@ def _write(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     tmp.replace(path)
 
 
+def dataset_digest(dataset: str | Path, data_root: str | Path | None = None) -> str:
+    """What identifies a dataset in a history: the sha256 of its file (of its files' relative paths and sizes for
+    an image directory). Not of the images a search drew from it, which depend on the search's seed and scale: the
+    searches of one dataset, teacher and classes make one task whatever their seeds."""
+    import hashlib
+
+    from dass_ray.core.data import bundled_path, resolve_dataset_path
+    from dass_ray.fileutil import sha256_file
+
+    p = Path(dataset)  # found as the search finds it (dass_ray.search.inputs)
+    p = resolve_dataset_path(p if p.exists() else bundled_path(str(dataset)), data_root)
+    if p.is_file():
+        return sha256_file(p)[:16]
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p)}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def task_id_for(dataset_digest: str, teacher: TeacherCheckpoint, classes: tuple[str, ...]) -> str:
     """One history task per (data, teacher, classes): searches of the same task share it."""
     import hashlib

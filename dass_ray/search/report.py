@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from dass_ray import contract as C
@@ -37,8 +38,8 @@ def summary(result: C.SearchResult, output: str | Path) -> str:
                    f"{100 * result.teacher_acc:.1f}%"),
         row.format("student", f"{b.flops / 1e6:.1f} M", f"{b.params / 1e6:.2f} M", f"{100 * b.measured_acc:.1f}%"),
         f"  => {compression_line(result)}" + (f" (budget {budget / 1e6:.1f} MFLOPs)" if budget else " (no budget)"),
-        f"files: {out}/ (student.torchscript.pt, student.pt, result.json, report.png, trials.parquet, "
-        f"candidates.parquet)",
+        f"files: {out}/ (" + ", ".join([e["file"] for e in result.exports] or ["student.torchscript.pt"])
+        + ", student.pt, result.json, report.png, trials.parquet, candidates.parquet)",
         f"run the student (needs PyTorch only): torch.jit.load({str(out / 'student.torchscript.pt')!r})(images)  # "
         f"{spec.dtype} [N, {spec.height}, {spec.width}, {spec.channels}] -> logits [N, {len(result.class_names)}] "
         f"(class_names in result.json)",
@@ -72,6 +73,14 @@ def write_report(path: Path, cands: pa.Table, trials: list[dict], result: C.Sear
     ok = [r for r in trials if r["status"] == "ok"]
     best = result.best.index
     a1.scatter([r["predicted_acc"] for r in ok], [r["measured_acc"] for r in ok], c="C1")
+    # the posterior's 90% interval for each student when it was picked (absent in results of older versions)
+    iv = [r for r in ok if np.isfinite(r.get("predicted_lo") or np.nan) and np.isfinite(r.get("predicted_hi") or np.nan)]
+    if iv:
+        px = np.array([r["predicted_acc"] for r in iv])
+        a1.errorbar(px, [r["measured_acc"] for r in iv], fmt="none", ecolor="C1", alpha=0.5, lw=1,
+                    xerr=[px - [r["predicted_lo"] for r in iv], [r["predicted_hi"] for r in iv] - px])
+        lim = [min(px.min(), min(r["measured_acc"] for r in iv)), max(px.max(), max(r["measured_acc"] for r in iv))]
+        a1.plot(lim, lim, ls=":", c="0.6", lw=0.8)
     for r in ok:
         a1.annotate(f"#{r['index']}", (r["predicted_acc"], r["measured_acc"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
@@ -80,7 +89,7 @@ def write_report(path: Path, cands: pa.Table, trials: list[dict], result: C.Sear
             a1.scatter([r["predicted_acc"]], [r["measured_acc"]], marker="*", s=260, c="C2", edgecolors="k", lw=0.6,
                        zorder=5, label=f"returned student #{best}")
             a1.legend(fontsize=7, loc="best")
-    a1.set_xlabel("predicted post-KD accuracy (when picked for distillation)")
+    a1.set_xlabel("predicted post-KD accuracy when picked (posterior mean, 90% interval)")
     a1.set_ylabel("measured post-KD accuracy")
     a1.set_title(f"the {len(ok)} distilled students: predicted vs measured", fontsize=10)
 

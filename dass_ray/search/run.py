@@ -231,9 +231,15 @@ class SearchRun:
         tmp = tp.with_name(tp.name + ".tmp")
         pq.write_table(pa.Table.from_pylist(self.trial_rows), tmp)
         os.replace(tmp, tp)
-        self.events.emit("kd", len(self.trial_rows), self.cfg.top_k,
-                         f"student #{row['index']}: predicted {row['predicted_acc']:.4f}, "
-                         + (f"measured {row['measured_acc']:.4f}" if row["status"] == "ok" else f"failed ({row['reason']})"))
+        iv = (f" [90%: {row['predicted_lo']:.4f}, {row['predicted_hi']:.4f}]"
+              if np.isfinite(row["predicted_lo"]) and np.isfinite(row["predicted_hi"]) else "")
+        msg = (f"student #{row['index']}: predicted {row['predicted_acc']:.4f}{iv}, "
+               + (f"measured {row['measured_acc']:.4f}" if row["status"] == "ok" else f"failed ({row['reason']})"))
+        if self.cfg.stop_probability and self.post is not None and self.post.obs:
+            tried = [int(r["index"]) for r in self.trial_rows]
+            msg += (f"; P(an untried candidate beats the best by > {100 * STOP_MARGIN:g} points) = "
+                    f"{self.post.prob_improvement(STOP_MARGIN, exclude=tried):.3f}")
+        self.events.emit("kd", len(self.trial_rows), self.cfg.top_k, msg)
 
     def _pool_model(self, cands: pa.Table) -> PoolModel:
         """The posterior over the candidates' accuracies given the trials recorded so far: rebuilt from the files,
@@ -370,7 +376,8 @@ class SearchRun:
             self.state["run_id"] = uuid.uuid4().hex[:16]
             self._save_state()
         n = history.record(cfg.history, self.state["run_id"], job_id=cfg.job_id or self.state["run_id"],
-                           dataset_digest=p.data.fingerprint(), source=Path(cfg.dataset).stem, classes=cfg.classes,
+                           dataset_digest=history.dataset_digest(cfg.dataset, cfg.data_root),
+                           source=Path(cfg.dataset).stem, classes=cfg.classes,
                            teacher=teacher, space=p.space, trials=trials, seed=cfg.seed)
         self.events.emit("export", 1, 1, f"history: {n} measured students appended to {cfg.history}")
 

@@ -9,7 +9,8 @@ derived from `dass_ray.contract.SearchRequest`), which writes `DIR/events.jsonl`
   directory, so they survive a restart of the server (`store`);
 - runs each search as a **Ray Job** (`backends.RayJobBackend`, over the Ray Jobs REST API: no Ray library in
   the server) on the cluster given, or on one local head the server starts (`rayhead`), at most `max_running`
-  at once, the rest queued in submission order (`runner`); `LocalBackend` runs a search as a detached local
+  at once (and `max_running_per_client` of one client), the rest queued per client and started in a fair order
+  between clients (`store.fair_order`, `runner`); `LocalBackend` runs a search as a detached local
   process instead (tests of the runner itself);
 - copies the search's events into the job's event log with the runner's own gapless sequence numbers (`events`);
   the search's terminal event ("done"/"failed") is held back until its process is known to have ended, so a

@@ -148,9 +148,10 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
             raise _invalid(field_name, f"must be an absolute path on the cluster, got {raw[:200]!r}")
         p = Path(raw).resolve()
         if not any(p == r or r in p.parents for r in self._roots):
-            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,  # which directories are allowed is the
-                               f"{field_name}: {raw[:200]} is outside the directories this server lets "  # operator's
-                               f"clients name (its --data-root); upload the file instead")
+            # The server's directories are the operator's business: the message names the client's path only.
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{field_name}: {raw[:200]} is outside the directories this server lets clients "
+                               f"name (its --data-root); upload the file instead")
         if not p.exists():
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field_name}: {raw[:200]}: no such file or directory")
         return p
