@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from raytools import restore_env
 
 from dass_ray.core.nets import build
 from dass_ray.core.space import get_space
@@ -51,11 +52,7 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -216,11 +213,7 @@ def _end_checks(session) -> bool:
                 continue
             _END_REPORT.append(f"left in {config._dass_tmp_base} by the run: {name}")
             ok = False
-        for k, v in config._dass_env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(config._dass_env_before)
     return ok
 
 

@@ -10,6 +10,15 @@ import time
 from pathlib import Path
 
 
+def restore_env(saved: dict) -> None:
+    """Put environment variables back as `saved` ({name: value, None: was unset}) had them."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

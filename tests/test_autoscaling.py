@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import pytest
+from raytools import restore_env
 import torch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -135,11 +136,7 @@ def autoscaling_cluster():
         ray.shutdown()
         if c is not None:
             c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raytools import restore_env
 import torch
 
 # The timeout catches a hang, not slowness: on a 2-core machine shared with other jobs (load ~9) one test of
@@ -178,11 +179,7 @@ def mn():
     finally:
         ray.shutdown()
         lc.cluster.shutdown()  # kills exactly the processes of the nodes it started
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
         if not os.environ.get("DASS_KEEP_RAY_TMP"):  # set it to keep the nodes' logs for debugging
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -43,7 +43,7 @@ def cfg(tmp_path, predictor_path, **kw):
     ({"dataset": "omniglot_small"}, "head has 10 classes but the dataset .* has 242"),
     ({"max_flops": 1000}, "budget: .*impossible"),
     ({"top_k": 100, "candidates": 10}, r"--top-k: top_k \(100\) must not exceed candidates \(10\)"),
-    ({"candidates": 0}, r"--candidates: candidates must be in \[1, 1e\+06\], got 0"),
+    ({"candidates": 0}, r"--candidates: candidates must be in \[1, 1000000\], got 0"),
     ({"candidates": 2**31 - 1}, "--candidates: candidates must be in"),
     ({"kd_epochs": 2**31 - 1}, "--kd-epochs: kd_epochs must be in"),
     ({"max_params": -5}, "--max-params: max_params must be in"),
@@ -258,6 +258,25 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
         assert round(t["measured_acc"] * n_val, 6) == int(round(t["measured_acc"] * n_val)), t["measured_acc"]
     assert all(t["checkpoint"].startswith(str(store / "kd")) for t in trials), [t["checkpoint"] for t in trials]
     assert not (out / "tune").exists()
+    # predictions a user reads as accuracies: each trial's posterior mean and 90% interval when it was picked, and
+    # candidates.parquet rewritten with the posterior given both measured students (what a resume rebuilds)
+    from dass_ray.core.posterior import PoolModel, load_prior
+    from dass_ray.core.space import ArchConfig
+
+    for t in trials:
+        assert 0 <= t["predicted_lo"] <= t["predicted_acc"] <= t["predicted_hi"] <= 1, t
+        assert t["predicted_lo"] < t["predicted_hi"], t
+    post = PoolModel(load_prior(), score, cands["params"].to_numpy(), cands["flops"].to_numpy(), teacher_acc,
+                     prep.data.num_classes,
+                     prep.space.encode_many([ArchConfig.from_json(j) for j in cands["arch_json"].to_pylist()]))
+    prior_mean = post.mean()
+    for t in trials:
+        post.observe(t["index"], t["measured_acc"])
+    np.testing.assert_allclose(cands["predicted_acc"].to_numpy(), np.clip(post.mean(), 0, 1), atol=1e-9)
+    np.testing.assert_allclose(cands["predicted_hi"].to_numpy(), post.interval()[1], atol=1e-9)
+    assert np.abs(post.mean() - prior_mean).max() > 1e-4  # the measurements moved the predictions
+    res = json.loads((out / "result.json").read_text())
+    assert [e["format"] for e in res["exports"]] == ["torchscript", "onnx", "torch_export"] and res["stop_reason"] == ""
     assert result.best.measured_acc == max(t["measured_acc"] for t in trials)
     assert (out / "report.png").stat().st_size > 1000
     assert result.input_spec.to_dict() == {"height": 28, "width": 28, "channels": 1, "model_size": 32, "mean": 0.5,

@@ -17,6 +17,7 @@ CONFTEST = Path(__file__).with_name("conftest.py")
 @pytest.fixture
 def inner(pytester):
     shutil.copy(CONFTEST, pytester.path / "conftest.py")
+    shutil.copy(CONFTEST.with_name("raytools.py"), pytester.path / "raytools.py")
     return pytester
 
 

@@ -184,6 +184,12 @@ class PoolModel:
         _, v = self._latent_diag(np.arange(self.n))
         return np.sqrt(v + self.prior.noise_sd ** 2) / 100
 
+    def predicted(self, z: float = Z90) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a user reads: the posterior mean and its 90% interval, as accuracies (clipped to [0, 1]; the
+        search's decisions use the unclipped `mean`)."""
+        lo, hi = self.interval(z)
+        return np.clip(self.mean(), 0.0, 1.0), lo, hi
+
     def interval(self, z: float = Z90) -> tuple[np.ndarray, np.ndarray]:
         m, s = self.mean(), self.sd()
         return np.clip(m - z * s, 0.0, 1.0), np.clip(m + z * s, 0.0, 1.0)  # an accuracy is in [0, 1]

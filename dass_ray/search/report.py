@@ -78,7 +78,8 @@ def write_report(path: Path, cands: pa.Table, trials: list[dict], result: C.Sear
     if iv:
         px = np.array([r["predicted_acc"] for r in iv])
         a1.errorbar(px, [r["measured_acc"] for r in iv], fmt="none", ecolor="C1", alpha=0.5, lw=1,
-                    xerr=[px - [r["predicted_lo"] for r in iv], [r["predicted_hi"] for r in iv] - px])
+                    xerr=[np.maximum(0, px - [r["predicted_lo"] for r in iv]),
+                          np.maximum(0, [r["predicted_hi"] for r in iv] - px)])
         lim = [min(px.min(), min(r["measured_acc"] for r in iv)), max(px.max(), max(r["measured_acc"] for r in iv))]
         a1.plot(lim, lim, ls=":", c="0.6", lw=0.8)
     for r in ok:

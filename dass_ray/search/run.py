@@ -193,13 +193,13 @@ class SearchRun:
         order = np.argsort(-key, kind="mergesort")
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        lo, hi = model.interval()
+        mean, lo, hi = model.predicted()
         table = pa.table({
             "index": np.arange(n, dtype=np.int64), "arch_json": [a.to_json() for a in archs],
             "arch_digest": [a.digest() for a in archs], "flops": flops, "params": params,
             # the predicted accuracy: the posterior mean given the trials measured so far (rewritten after each
             # trial) with its 90% interval; predictor_score is the meta-trained predictor's own output, the prior
-            "predicted_acc": model.mean(), "predicted_lo": lo, "predicted_hi": hi,
+            "predicted_acc": mean, "predicted_lo": lo, "predicted_hi": hi,
             "predictor_score": scores.astype(np.float64), "rank": rank,
         })
         tmp = cp.with_name(cp.name + ".tmp")
@@ -261,9 +261,9 @@ class SearchRun:
         r = self.trial_rows[-1]
         if r["status"] == "ok":
             self.post.observe(int(r["index"]), float(r["measured_acc"]))
-        lo, hi = self.post.interval()
+        mean, lo, hi = self.post.predicted()
         t = self.cands
-        for name, v in (("predicted_acc", self.post.mean()), ("predicted_lo", lo), ("predicted_hi", hi)):
+        for name, v in (("predicted_acc", mean), ("predicted_lo", lo), ("predicted_hi", hi)):
             if name in t.column_names:
                 t = t.set_column(t.column_names.index(name), name, pa.array(v, pa.float64()))
         self.cands = t

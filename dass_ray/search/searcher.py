@@ -8,7 +8,25 @@ from ray.tune.search import Searcher
 
 
 
-class DaSSSearcher(Searcher):
+class _StateFile(Searcher):
+    """`save`/`restore` (Tune's searcher checkpoint) as a pickle of `get_state()`."""
+
+    def get_state(self) -> dict:
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+
+class DaSSSearcher(_StateFile):
     """Proposes candidates in predicted order, exactly `budget` of them.
 
     `ranked`: candidate indices, best first. Repeated `suggest` for the same trial id returns the same config and
@@ -63,20 +81,13 @@ class DaSSSearcher(Searcher):
         self.remaining, self.assigned = list(state["remaining"]), dict(state["assigned"])
         self.completed, self.prior, self.budget = dict(state["completed"]), dict(state["prior"]), state["budget"]
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
 
 
 # --stop-probability asks for the chance of beating the best measured student by more than this (half a point)
 STOP_MARGIN = 0.005
 
 
-class PosteriorSearcher(Searcher):
+class PosteriorSearcher(_StateFile):
     """Proposes each next candidate from the posterior over the pool's post-KD accuracies given every finished
     trial (`dass_ray.core.posterior.PoolModel`: the predictor's scores as the prior, measured students as
     evidence), at most `budget` of them.
@@ -131,8 +142,8 @@ class PosteriorSearcher(Searcher):
         return self._config(idx)
 
     def _config(self, idx: int) -> dict:
-        lo, hi = self.model.interval()
-        return {"index": int(idx), "arch_json": self.arch_jsons[idx], "predicted": float(self.model.mean()[idx]),
+        mean, lo, hi = self.model.predicted()
+        return {"index": int(idx), "arch_json": self.arch_jsons[idx], "predicted": float(mean[idx]),
                 "predicted_lo": float(lo[idx]), "predicted_hi": float(hi[idx])}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -172,13 +183,6 @@ class PosteriorSearcher(Searcher):
             if a is not None:
                 self.model.observe(int(i), float(a))
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
 
 
 def stop_message(p: float, threshold: float, margin: float, measured: int) -> str:
