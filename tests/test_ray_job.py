@@ -49,6 +49,11 @@ def test_ray_job_submit_runs_the_search(head, tmp_path):
     assert res["best"]["measured_acc"] == max(accs) and res["best"]["index"] in top, (res["best"], trials)
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     assert events[-1]["stage"] == "done"
+    # KD checkpoints inside the output directory are recorded relative to it: trials.parquet names no machine path
+    import pyarrow.parquet as pq
+
+    cks = pq.read_table(out / "trials.parquet")["checkpoint"].to_pylist()
+    assert all(c.startswith("tune/") and (out / c).is_dir() for c in cks), cks
     # a bad input fails the job with the one-line reason and a non-zero exit
     bad = subprocess.run(base + ["--top-k", "5", "--candidates", "2", "--output", str(tmp_path / "o2")],
                          env=head.env, capture_output=True, text=True, timeout=300)

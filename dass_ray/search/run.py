@@ -219,7 +219,7 @@ class SearchRun:
                "status": "failed" if failed else "ok",
                "reason": str(r.get("reason") or (trial.error_file and "trial error") or ""),
                "time_s": float(r.get("time_total_s", 0.0) or 0.0), "trial_id": trial.trial_id,
-               "checkpoint": _checkpoint_uri(trial.checkpoint),
+               "checkpoint": self._portable(_checkpoint_uri(trial.checkpoint)),
                # the posterior's 90% interval when the trial was proposed (predicted_acc is its mean)
                "predicted_lo": float(conf.get("predicted_lo", float("nan"))),
                "predicted_hi": float(conf.get("predicted_hi", float("nan")))}
@@ -240,6 +240,15 @@ class SearchRun:
             msg += (f"; P(an untried candidate beats the best by > {100 * STOP_MARGIN:g} points) = "
                     f"{self.post.prob_improvement(STOP_MARGIN, exclude=tried):.3f}")
         self.events.emit("kd", len(self.trial_rows), self.cfg.top_k, msg)
+
+    def _portable(self, ck: str) -> str:
+        """A checkpoint inside the output directory is recorded relative to it, so trials.parquet names no path of
+        this machine and the directory can be moved; one elsewhere (shared storage, a URI) as it is."""
+        if ck and "://" not in ck:
+            out = str(self.out.resolve())
+            if os.path.abspath(ck).startswith(out + os.sep):
+                return os.path.relpath(os.path.abspath(ck), out)
+        return ck
 
     def _pool_model(self, cands: pa.Table) -> PoolModel:
         """The posterior over the candidates' accuracies given the trials recorded so far: rebuilt from the files,
@@ -394,7 +403,10 @@ class SearchRun:
 
         # Through the checkpoint's file system: the trial may have run on another node, its checkpoint on
         # shared or cloud storage.
-        with Checkpoint(best["checkpoint"]).as_directory() as d:
+        ck = best["checkpoint"]
+        if ck and "://" not in ck and not os.path.isabs(ck):  # relative to the output directory (`_portable`)
+            ck = str(self.out.resolve() / ck)
+        with Checkpoint(ck).as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
         sd = state.get("best_model") or state["model"]
         model = build(arch, p.space)
