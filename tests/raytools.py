@@ -19,6 +19,24 @@ def restore_env(saved: dict) -> None:
             os.environ[k] = v
 
 
+def wait_serving(address: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Poll a `dass-ray serve` on `address` until its health check answers SERVING; fail (with the end of its log)
+    if the process exits or `timeout` passes first."""
+    from dass_ray.service.client import ClientError, SearchClient
+
+    with SearchClient(address, "x", timeout=2) as c:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if c.health() == "SERVING":
+                    return
+            except ClientError:
+                pass
+            assert proc.poll() is None, f"server exited: {Path(log).read_text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, f"server not healthy in {timeout} s: {Path(log).read_text()[-3000:]}"
+            time.sleep(0.3)
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

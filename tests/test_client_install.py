@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from raytools import free_ports, kill_under
+from raytools import free_ports, kill_under, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "dass_ray" / "assets" / "teachers" / "mnist5k_cpu.pt"
@@ -76,7 +75,6 @@ def test_the_slim_client_talks_to_a_real_server(slim, tmp_path):
     port = free_ports(1)[0]
     tmp = tempfile.mkdtemp(prefix="dci")  # the server never starts Ray here (a dry run); its temp dir all the same
     from dass_ray.core.data import bundled_path
-    from dass_ray.service.client import ClientError, SearchClient
 
     log = open(tmp_path / "server.log", "wb")
     srv = subprocess.Popen([sys.executable, "-m", "dass_ray.service.cli", "serve", "--host", "127.0.0.1", "--port",
@@ -84,16 +82,7 @@ def test_the_slim_client_talks_to_a_real_server(slim, tmp_path):
                             "--grace", "2"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                            env=dict(os.environ, RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled"))
     try:
-        with SearchClient(f"127.0.0.1:{port}", TOKEN, timeout=2) as c:
-            t0 = time.monotonic()
-            while True:
-                try:
-                    if c.health() == "SERVING":
-                        break
-                except ClientError:
-                    pass
-                assert srv.poll() is None and time.monotonic() - t0 < 90, (tmp_path / "server.log").read_text()
-                time.sleep(0.3)
+        wait_serving(f"127.0.0.1:{port}", srv, tmp_path / "server.log")
         flags = ["--server", f"127.0.0.1:{port}", "--token-file", str(mine)]
         r = run(slim, "dass-ray", "submit", *flags, "--dataset", str(bundled_path("mnist5k")), "--teacher",
                 str(TEACHER), "--scale", "tiny", "--candidates", "8", "--top-k", "1", "--dry-run")

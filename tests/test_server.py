@@ -42,7 +42,7 @@ TINY = dict(scale="tiny", candidates=24, top_k=2, kd_epochs=1)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-from raytools import RayHead, free_ports, kill_under  # noqa: E402  (shared with test_ray_job.py)
+from raytools import RayHead, free_ports, kill_under, wait_serving  # noqa: E402  (shared with test_ray_job.py)
 
 
 class Server:
@@ -64,18 +64,7 @@ class Server:
         cmd += self.extra
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      cwd=str(ROOT))
-        c = SearchClient(f"127.0.0.1:{self.port}", "x", timeout=2)
-        t0 = time.monotonic()
-        while True:
-            try:
-                if c.health() == "SERVING":
-                    break
-            except ClientError:
-                pass
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            assert time.monotonic() - t0 < 90, "server did not become healthy"
-            time.sleep(0.3)
-        c.close()
+        wait_serving(f"127.0.0.1:{self.port}", self.proc, self.log)
 
     def signal(self, sig: int, wait: float = 30) -> int:
         self.proc.send_signal(sig)
