@@ -10,8 +10,14 @@ passes).
 `--device cuda` runs it all on a GPU (`auto`: a GPU when torch sees one); `--space paper` uses the authors' 64x64,
 width x2 space instead of ours (the scale a GPU is for); `--batch-size` overrides the KD recipe's 64.
 
+`--image-size 32,64,96` adds a table per image size (the students distilled at that size from the teacher's
+32-px soft labels, as `--image-size` searches do) for each `--variants` entry: fp32 (today's step), channels_last,
+bf16 (autocast), channels_last+bf16, compile (torch.compile): images/s, achieved GFLOP/s and its ratio to the
+matmul peak, and the students' mean validation accuracy next to fp32's (a speedup must not change accuracy).
+
 Last line: one JSON object with cached_img_per_s, naive_img_per_s, speedup, kd_achieved_gflops,
-matmul_peak_gflops, kd_ratio and the setup (device, space, batch size).
+matmul_peak_gflops, kd_ratio and the setup (device, space, batch size); with --image-size also `sizes`:
+{size: {variant: {img_per_s, gflops, ratio, mean_acc, speedup_vs_fp32}}}.
 """
 from __future__ import annotations
 
@@ -42,14 +48,26 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     ap.add_argument("--space", default="cpu", choices=["cpu", "paper"])
     ap.add_argument("--batch-size", type=int, default=None, help="KD batch size (default: the recipe's)")
+    ap.add_argument("--image-size", default="", help="comma-separated sizes for the per-size table, e.g. 32,64,96")
+    ap.add_argument("--variants", default="fp32,channels_last,bf16,channels_last+bf16",
+                    help="training-step variants of the per-size table (also: compile)")
+    ap.add_argument("--dataset", default="mnist5k", help="bundled name or Parquet path (default mnist5k; a "
+                    "source of >= 64 px such as tiny_imagenet50/train.parquet shows real detail at 64 px)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as e:
         ap.error(f"--device {args.device}: {e}")
-    ds = load_dataset(bundled_path("mnist5k"))
-    task = make_class_subset_tasks(ds, source="mnist5k", path="mnist5k", num_tasks=1, classes_per_task=5,
+    from pathlib import Path
+
+    from dass_ray.core.data import resolve_dataset_path, shared_datasets_root
+
+    if Path(args.dataset).exists() or "/" in args.dataset:
+        ds = load_dataset(resolve_dataset_path(args.dataset, shared_datasets_root()))
+    else:
+        ds = load_dataset(bundled_path(args.dataset))
+    task = make_class_subset_tasks(ds, source="bench", path=args.dataset, num_tasks=1, classes_per_task=5,
                                    train_per_class=args.train_per_class, val_per_class=20, seed=args.seed,
                                    prefix="bench")[0]
     tr, va = load_task_data(task, ds)
@@ -90,8 +108,51 @@ def main(argv=None) -> int:
         "image_size": space.image_size, "teacher_mflops": round(space.flops(space.teacher()) / 1e6, 1),
         "mean_student_mflops": round(float(np.mean([space.flops(a) for a in archs])) / 1e6, 1),
     }
+    if args.image_size:
+        out["sizes"] = per_size(args, ds, task, space, teacher, soft, archs, cfg, device, peak)
+        out["matmul_peak_gflops"] = round(max(peak, matmul_peak_gflops(device=str(device))), 1)
     print(json.dumps(out))
     return 0
+
+
+def per_size(args, ds, task, space, teacher, soft, archs, cfg, device, peak) -> dict:
+    """Per image size and variant: KD images/s, achieved GFLOP/s (FLOPs counted at that size), mean accuracy."""
+    import dataclasses
+
+    from dass_ray.core.tasks import load_task_data
+
+    tr, va = load_task_data(task, ds)
+    sizes = [int(v) for v in args.image_size.split(",") if v]
+    variants = [v for v in args.variants.split(",") if v]
+    table: dict = {}
+    for size in sizes:
+        data = TensorData.from_datasets(tr, va, size)
+        at = dataclasses.replace(space, image_size=size)  # the analytic FLOPs at that size
+        flops = sum(args.epochs * (3 * len(data.y_train) + len(data.y_val)) * at.flops(a) for a in archs)
+        row = {}
+        for v in variants:
+            kw = {"channels_last": "channels_last" in v, "bf16": "bf16" in v, "compile": v == "compile"}
+            c = dataclasses.replace(cfg, **kw)
+            if v == "compile":  # the first epoch compiles: one untimed warm-up run per student shape
+                train_kd(archs[0], space, teacher.state_dict(), data, dataclasses.replace(c, epochs=1),
+                         seed=args.seed, soft=soft, device=device)
+            t0 = time.perf_counter()
+            accs = []
+            for a in archs:
+                r = train_kd(a, space, teacher.state_dict(), data, c, seed=args.seed, soft=soft, device=device)
+                assert r.ok, r.reason
+                accs.append(r.best_acc)
+            dt = time.perf_counter() - t0
+            n_img = len(data.y_train) * args.epochs * len(archs)
+            row[v] = {"img_per_s": round(n_img / dt, 1), "gflops": round(flops / dt / 1e9, 2),
+                      "ratio": round(flops / dt / 1e9 / peak, 4), "mean_acc": round(float(np.mean(accs)), 4)}
+            print(f"size {size} {v}: {row[v]}", flush=True)
+        base = row.get("fp32")
+        for v in row:
+            if base:
+                row[v]["speedup_vs_fp32"] = round(row[v]["img_per_s"] / base["img_per_s"], 3)
+        table[str(size)] = row
+    return table
 
 
 if __name__ == "__main__":

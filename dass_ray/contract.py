@@ -97,8 +97,21 @@ class Field:
 REQUEST_FIELDS: tuple[Field, ...] = (
     Field("dataset", str, "mnist5k", "Parquet file (image/label/label_name columns), ImageFolder directory, .npz "
           "(images, labels[, class_names]) or a bundled name"),
-    Field("teacher", str, DEFAULT_TEACHER, "teacher checkpoint (scripts/train_teacher.py), or 'train' to train one "
-          "on the dataset first (default: the shipped MNIST teacher)"),
+    Field("teacher", str, DEFAULT_TEACHER, "teacher: a checkpoint (scripts/train_teacher.py), any classifier as a "
+          "TorchScript or ONNX file (recognised by content), timm:<name> / torchvision:<name> with "
+          "--teacher-weights, or 'train' to train one on the dataset first (default: the shipped MNIST teacher); "
+          "docs/teachers.md"),
+    # a foreign teacher's (docs/teachers.md): its weights file, and its own input size and normalisation
+    Field("teacher_weights", str, "", "state dict of a timm:<name> / torchvision:<name> teacher (its head has the "
+          "dataset's classes)", zero="none"),
+    Field("teacher_image_size", int, 0, "input side in pixels of a foreign teacher", lo=0, hi=1024,
+          proto="teacher_image_size", zero="timm's pretrained_cfg, an ONNX file's fixed input, else the dataset's "
+          "native size (at most 224)"),
+    Field("teacher_mean", str, "", "per-channel mean a foreign teacher normalises with (one number or three, "
+          "comma-separated, for images in 0..1)", proto="teacher_mean",
+          zero="timm's pretrained_cfg, else ImageNet's for timm/torchvision, 0.5 for TorchScript/ONNX"),
+    Field("teacher_std", str, "", "per-channel std of a foreign teacher's normalisation (as --teacher-mean)",
+          proto="teacher_std", zero="as --teacher-mean"),
     Field("predictor", str, DEFAULT_PREDICTOR, "meta-trained predictor checkpoint, or 'latest': the newest version "
           "retrained on --history (scripts/retrain.py; the shipped one until there is one)", proto="predictor",
           zero="the shipped predictor"),
@@ -126,6 +139,11 @@ REQUEST_FIELDS: tuple[Field, ...] = (
     Field("stop_probability", float, 0.0, "stop early once the posterior probability that any untried candidate "
           "beats the best measured one by more than 0.5 points falls below this", lo=0.0, hi=1.0,
           proto="stop_probability", zero="never stop early"),
+    Field("image_size", int, 0, "side in pixels the chosen students are distilled, evaluated and exported at "
+          "(a multiple of 8, >= 32); candidates are still ranked at the predictor's 32", lo=0, hi=1024,
+          proto="image_size", zero="the dataset's native size, capped by --max-image-size"),
+    Field("max_image_size", int, 64, "cap on the automatic --image-size (KD cost grows with its square)", lo=0,
+          hi=1024, proto="max_image_size", zero="default"),
     Field("readapt", bool, False, "re-adapt the predictor on the teacher + measured students after each KD trial "
           "and re-rank the remaining candidates", proto="readapt"),
     Field("asha", bool, False, "ASHA early stopping of weak KD trials", proto="asha"),
@@ -465,6 +483,12 @@ class SearchResult:
     # the exported student: [{"format": one of EXPORT_FORMATS, "file": its name in the output directory}] (empty in
     # results written before ONNX and torch.export files were made: then only student.torchscript.pt exists)
     exports: list[dict] = field(default_factory=list)
+    # the teacher: "family" (a dass_ray checkpoint), "trained" (--teacher train), or a foreign one ("torchscript",
+    # "onnx", "timm", "torchvision"; docs/teachers.md). For a foreign teacher `teacher_acc` is its own validation
+    # accuracy (at its own input size) and `proxy_teacher_acc` that of the family member distilled from it, which
+    # ranked the candidates (teacher_flops / teacher_params are the proxy's); None for the others.
+    teacher_kind: str = "family"
+    proxy_teacher_acc: float | None = None
     format: str = RESULT_FORMAT
 
     def to_dict(self) -> dict:

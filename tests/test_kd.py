@@ -250,3 +250,29 @@ def test_kd_and_teacher_on_gpu_match_cpu_and_hand_back_cpu_state(mnist_task, tra
                                device="cuda")  # the recipe of the CPU teacher in `trained_teacher`
     assert res.ok and res.device.startswith("cuda") and next(model.parameters()).device.type == "cpu"
     assert res.best_acc > 0.6 and abs(res.best_acc - trained_teacher[2].best_acc) <= 0.15, res.history
+
+
+def test_fast_layouts_train_the_same_student(mnist_task, trained_teacher):
+    """channels-last is a layout change: the same run to float noise; bf16 autocast trains a student as good (within a
+    few points on 90 validation images) and evaluation stays fp32. kd_recipe turns channels-last on from 64 px."""
+    import dataclasses
+
+    from dass_ray.core.kd import FAST_LAYOUT_FROM, kd_recipe
+
+    space, teacher, _ = trained_teacher
+    soft = compute_soft_labels(teacher, mnist_task.x_train, device=EXACT)
+    arch = space.sample(np.random.default_rng(1))
+    cfg = KDConfig(epochs=2, batch_size=32)
+    ref = train_kd(arch, space, teacher.state_dict(), mnist_task, cfg, seed=3, soft=soft, device=EXACT)
+    cl = train_kd(arch, space, teacher.state_dict(), mnist_task, dataclasses.replace(cfg, channels_last=True),
+                  seed=3, soft=soft, device=EXACT)
+    assert ref.ok and cl.ok
+    for k in ref.state_dict:
+        torch.testing.assert_close(cl.state_dict[k], ref.state_dict[k], rtol=1e-3, atol=1e-3)
+    assert [h["loss"] for h in cl.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
+    bf = train_kd(arch, space, teacher.state_dict(), mnist_task, dataclasses.replace(cfg, bf16=True), seed=3,
+                  soft=soft, device=EXACT)
+    assert bf.ok and abs(bf.best_acc - ref.best_acc) <= 0.05, (bf.best_acc, ref.best_acc)
+    assert all(v.dtype == torch.float32 for v in bf.state_dict.values() if v.is_floating_point())
+    assert kd_recipe(cfg, 32) is cfg and not kd_recipe(cfg, FAST_LAYOUT_FROM - 8).channels_last
+    assert kd_recipe(cfg, FAST_LAYOUT_FROM).channels_last and kd_recipe(cfg, 96).channels_last

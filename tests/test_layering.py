@@ -19,11 +19,11 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "dass_ray"
 LAYERS = {
-    "core": ["adapters", "config", "data", "embed", "export", "images", "kd", "meta", "nets", "posterior", "predictor",
-             "proxies", "ranking", "remap", "rows", "space", "tasks"],
+    "core": ["adapters", "config", "data", "embed", "export", "foreign", "images", "kd", "meta", "nets", "posterior",
+             "predictor", "proxies", "ranking", "remap", "rows", "space", "tasks"],
     "offline": ["labelgen", "metadataset", "metatrain", "metatrain_ray", "plans", "retrain"],
-    "search": ["cli", "history", "inputs", "rayutil", "report", "resources", "run", "scoring", "searcher",
-               "trainable"],
+    "search": ["cli", "history", "inputs", "proxy", "rayutil", "report", "resources", "run", "scoring", "searcher",
+               "softlabels", "trainable"],
     "service": ["checks", "cli", "client", "jobs/backends", "jobs/events", "jobs/launch", "jobs/rayhead",
                 "jobs/runner", "jobs/store", "server/app", "server/rpc", "server/servicer", "server/uploads"],
 }

@@ -54,6 +54,10 @@ def cfg(tmp_path, predictor_path, **kw):
     ({"classes": ("0", "1", "2")}, "--teacher: its head has 10 classes but --classes names 3"),
     ({"classes": ("0", "seven")}, "--classes: the dataset has no class 'seven'"),
     ({"storage": "nosuch://bucket/x"}, "--storage: 'nosuch://bucket/x' is not a storage URI"),
+    ({"image_size": 70}, r"--image-size: must be a multiple of 8 and at least 32 \(the predictor's size\), got 70"),
+    ({"image_size": 24}, "--image-size: must be a multiple of 8 and at least 32"),
+    ({"image_size": 2000}, r"--image-size: image_size must be in \[0, 1024\]"),
+    ({"max_image_size": 16}, "--max-image-size: must be at least 32"),
 ])
 def test_bad_inputs_are_rejected_before_ray(tmp_path, predictor_path, kw, msg):
     with pytest.raises(InputError, match=msg):
@@ -69,6 +73,36 @@ def test_classes_pick_a_subset_of_the_dataset(tmp_path, predictor_path):
     assert set(p.data.y_train.tolist()) == {0, 1} and set(p.data.y_val.tolist()) == {0, 1}
     full = prepare(cfg(tmp_path / "b", predictor_path, teacher="train"))
     assert len(p.data.y_train) * 5 == len(full.data.y_train)  # the same images per class
+
+
+def test_image_size_rule():
+    from dass_ray.search.inputs import choose_image_size
+
+    space = get_space("cpu")
+    assert choose_image_size((28, 28), 0, 64, space) == 32  # never below the predictor's size
+    assert choose_image_size((105, 105), 0, 64, space) == 64  # native, capped
+    assert choose_image_size((105, 105), 0, 0, space) == 64  # 0: the default cap
+    assert choose_image_size((100, 60), 0, 128, space) == 56  # the smaller side, a multiple of 8
+    assert choose_image_size((227, 227), 0, 128, space) == 128
+    assert choose_image_size((28, 28), 96, 64, space) == 96  # asked for: taken as it is (upsampling allowed)
+
+
+def test_students_get_their_own_image_size_ranking_stays_at_32(tmp_path, predictor_path):
+    classes = ("0", "5", "9")
+    p = prepare(cfg(tmp_path, predictor_path, dataset="omniglot_small", teacher="train", classes=classes))
+    assert p.data.x_train.shape[-2:] == (32, 32) and p.kd_data.x_train.shape[-2:] == (64, 64) and p.image_size == 64
+    assert torch.equal(p.data.y_train, p.kd_data.y_train) and torch.equal(p.data.y_val, p.kd_data.y_val)
+    # the same images: the 64-px tensors resized to 32 are close to the 32-px ones (both from the 105-px originals)
+    down = torch.nn.functional.interpolate(p.kd_data.x_val, size=32, mode="bilinear", antialias=True)
+    assert (down - p.data.x_val).abs().mean() < 0.1
+    p96 = prepare(cfg(tmp_path / "b", predictor_path, dataset="omniglot_small", teacher="train", classes=classes,
+                      max_image_size=96))
+    assert p96.image_size == 96
+    p40 = prepare(cfg(tmp_path / "c", predictor_path, dataset="omniglot_small", teacher="train", classes=classes,
+                      image_size=40))
+    assert p40.kd_data.x_val.shape[-1] == 40
+    mn = prepare(cfg(tmp_path / "d", predictor_path))
+    assert mn.image_size == 32 and mn.kd_data is mn.data  # 28-px MNIST: one tensor set, as before
 
 
 def test_corrupt_dataset_names_the_row(tmp_path, predictor_path):
@@ -331,6 +365,50 @@ def test_tiny_search_end_to_end_and_resume(ray_local, tmp_path, predictor_path, 
     assert any("resumed: candidates already scored" in e["message"] for e in new)
     assert sum(1 for e in new if e["stage"] == "kd" and "measured" in e["message"]) == 1
     assert len(pq.read_table(out / "trials.parquet")) == 2 and (out / "result.json").exists()
+
+
+@pytest.mark.ray
+def test_search_distils_and_exports_at_the_images_own_size(ray_local, tmp_path, predictor_path):
+    """Omniglot (105 px): ranked at 32 px, the top students distilled at 64 px (the default cap); the exported
+    student takes the 105-px images and, on the search's validation split, scores exactly what the search measured."""
+    from dass_ray.core.data import load_dataset
+    from dass_ray.core.tasks import dataset_task, load_task_data
+    from dass_ray.search import SearchRun
+
+    c = cfg(tmp_path, predictor_path, dataset="omniglot_small", teacher="train", classes=("0", "5", "9"),
+            candidates=8, top_k=1)
+    prep = prepare(c)
+    result = SearchRun(prep).run()
+    assert result.input_spec.model_size == 64 and (result.input_spec.height, result.input_spec.width) == (105, 105)
+    import dataclasses
+
+    from dass_ray.core.space import ArchConfig
+
+    at64 = dataclasses.replace(prep.space, image_size=64)  # FLOPs (and the budget) at the size it is exported at
+    assert result.best.flops == at64.flops(ArchConfig.from_dict(result.best.arch)) > 3 * prep.space.flops(
+        ArchConfig.from_dict(result.best.arch)) and result.teacher_flops == at64.flops(prep.space.teacher())
+    events = [json.loads(line) for line in (Path(c.output) / "events.jsonl").read_text().splitlines()]
+    assert any("at 64x64 px" in e["message"] for e in events if e["stage"] == "kd")
+    ts = torch.jit.load(str(Path(c.output) / "student.torchscript.pt"))
+    ds = load_dataset(bundled_path("omniglot_small"))
+    task, _ = dataset_task(bundled_path("omniglot_small"), prep.scale, c.seed,
+                           pick_classes=lambda names: [0, 5, 9])
+    _, va = load_task_data(task, ds)
+    images = torch.from_numpy(np.ascontiguousarray(va.images[..., :1]))  # [n, 105, 105, 1] uint8, grayscale
+    assert images.shape[1:] == (105, 105, 1)
+    with torch.no_grad():
+        pred = ts(images).argmax(1)
+    acc = int((pred == prep.kd_data.y_val).sum()) / len(pred)
+    assert acc == result.best.measured_acc, (acc, [t["measured_acc"] for t in result.trials])
+    # the file feeds the student 64-px tensors: its logits are the student's own on the search's 64-px split
+    blob = torch.load(Path(c.output) / "student.pt", map_location="cpu", weights_only=False)
+    from dass_ray.core.nets import build
+    from dass_ray.core.space import ArchConfig, SpaceConfig
+
+    student = build(ArchConfig.from_dict(blob["arch"]), SpaceConfig.from_dict(blob["space"]))
+    student.load_state_dict(blob["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(ts(images), student.eval()(prep.kd_data.x_val), rtol=1e-4, atol=1e-4)
 
 
 def test_a_near_chance_teacher_is_warned_about():

@@ -27,6 +27,10 @@ class KDConfig:
     remap: str = "first_k"  # student initialisation (remap.schemes())
     eval_batch_size: int = 500
     max_grad_norm: float = 0.0  # 0: no clipping
+    # Training-step speedups (benchmarks/bench_kd.py measures them; evaluation always runs in fp32, contiguous):
+    channels_last: bool = False  # NHWC activations and weights
+    bf16: bool = False  # bfloat16 autocast of forward and loss (CPUs with AVX512-BF16/AMX, GPUs)
+    compile: bool = False  # torch.compile the training forward (needs a C++ compiler on CPU; slow first epoch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

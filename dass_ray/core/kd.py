@@ -281,13 +281,19 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
          weight_decay: float, flip: bool, eval_batch_size: int, seed: int,
          loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], dict],
          reporter: Reporter | None, resume: dict | None, max_grad_norm: float = 0.0,
-         device: str | torch.device | None = "auto") -> TrainResult:
+         device: str | torch.device | None = "auto", channels_last: bool = False, bf16: bool = False,
+         compile: bool = False) -> TrainResult:
     """The shared SGD-Nesterov + per-step-cosine loop on `device` (`resolve_device`). loss_fn(logits, xb, yb, index,
     flips) -> loss dict, every argument on that device. The shuffling and flips are drawn on the CPU from the seed,
-    so a run sees the same batches on any device; weights and states it hands out are on the CPU."""
+    so a run sees the same batches on any device; weights and states it hands out are on the CPU. `channels_last`
+    / `bf16`: NHWC memory format / bfloat16 autocast for the training steps (evaluation stays fp32)."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model.to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=fmt)
+    forward = torch.compile(model) if compile else model  # shares the parameters; evaluation uses `model`
     data = data.to(dev)
     on_cpu = dev.type == "cpu"
     n = data.x_train.shape[0]
@@ -324,8 +330,11 @@ def _fit(model: nn.Module, data: TensorData, *, epochs: int, batch_size: int, lr
             idx = perm[i:i + batch_size].to(dev)
             flips = flips_all[perm[i:i + batch_size]].to(dev)
             xb = _flip(data.x_train[idx], flips)
+            if channels_last:
+                xb = xb.contiguous(memory_format=fmt)
             yb = data.y_train[idx]
-            losses = loss_fn(model(xb), xb, yb, idx, flips)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = loss_fn(forward(xb), xb, yb, idx, flips)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 return TrainResult("failed", best, history[-1]["val_acc"] if history else 0.0, epoch,
@@ -367,7 +376,14 @@ def train_teacher(space: SpaceConfig, data: TensorData, cfg: TeacherConfig, seed
     (model on the CPU, result)."""
     if space.num_classes != data.num_classes:
         space = space.with_classes(data.num_classes)
-    model = build(space.teacher(), space, seed=seed)
+    return train_model(build(space.teacher(), space, seed=seed), data, cfg, seed, reporter, resume, device)
+
+
+def train_model(model: nn.Module, data: TensorData, cfg: TeacherConfig, seed: int = 0,
+                reporter: Reporter | None = None, resume: dict | None = None,
+                device: str | torch.device | None = "auto") -> tuple[nn.Module, TrainResult]:
+    """Train any classifier `model` (logits over `data`'s classes) with the teacher recipe `cfg`: label-smoothed
+    cross-entropy, the shared SGD loop. Returns (model on the CPU in eval mode, result)."""
 
     def loss_fn(logits, xb, yb, idx, flips):
         return {"loss": F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)}
@@ -375,6 +391,32 @@ def train_teacher(space: SpaceConfig, data: TensorData, cfg: TeacherConfig, seed
     res = _fit(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                weight_decay=cfg.weight_decay, flip=cfg.flip, eval_batch_size=cfg.eval_batch_size, seed=seed,
                loss_fn=loss_fn, reporter=reporter, resume=resume, device=device)
+    return model.cpu().eval(), res
+
+
+def train_proxy(space: SpaceConfig, data: TensorData, soft: SoftLabels, cfg: TeacherConfig, kd: KDConfig,
+                seed: int = 0, reporter: Reporter | None = None, resume: dict | None = None,
+                device: str | torch.device | None = "auto") -> tuple[nn.Module, TrainResult]:
+    """A proxy teacher: the space's largest member (the remapping family's teacher), trained from scratch on `data`
+    to match a foreign teacher's cached logits `soft` (KD loss at kd.alpha / kd.temperature, the teacher's schedule
+    `cfg`). DaSS ranks students with the proxy (its weights are remapped into them); they are then distilled from the
+    foreign teacher itself. Returns (model on the CPU in eval mode, result)."""
+    if space.num_classes != data.num_classes:
+        space = space.with_classes(data.num_classes)
+    if soft.logits.shape[1:] != (data.x_train.shape[0], data.num_classes):
+        raise ValueError(f"soft labels of shape {tuple(soft.logits.shape)} (views, images, classes) for "
+                         f"{data.x_train.shape[0]} images of {data.num_classes} classes")
+    model = build(space.teacher(), space, seed=seed)
+    dev = resolve_device(device)
+    logits = SoftLabels(soft.logits.to(dev), soft.meta)
+
+    def loss_fn(out, xb, yb, idx, flips):
+        return kd_loss(out, logits.lookup(idx, flips), yb, kd.alpha, kd.temperature)
+
+    res = _fit(model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+               weight_decay=cfg.weight_decay, flip=cfg.flip and soft.num_views > 1,
+               eval_batch_size=cfg.eval_batch_size, seed=seed, loss_fn=loss_fn, reporter=reporter, resume=resume,
+               max_grad_norm=kd.max_grad_norm, device=dev)
     return model.cpu().eval(), res
 
 
@@ -508,6 +550,17 @@ def kd_start_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_
     return total / max(1, n)
 
 
+FAST_LAYOUT_FROM = 64  # image side from which KD steps run channels-last (benchmarks/bench_kd.py --image-size)
+
+
+def kd_recipe(cfg: KDConfig, image_size: int) -> KDConfig:
+    """The KD recipe at `image_size`: from `FAST_LAYOUT_FROM` pixels on, channels-last training steps (a layout
+    change only: measured ~2x faster on CPU at 64 px, the same accuracy; below it, slower)."""
+    if image_size >= FAST_LAYOUT_FROM and not cfg.channels_last:
+        return dataclasses.replace(cfg, channels_last=True)
+    return cfg
+
+
 def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: TensorData, cfg: KDConfig,
              seed: int = 0, soft: SoftLabels | None = None, teacher: nn.Module | None = None,
              teacher_arch: ArchConfig | None = None, reporter: Reporter | None = None,
@@ -542,7 +595,8 @@ def train_kd(arch: ArchConfig, space: SpaceConfig, teacher_sd: dict, data: Tenso
     try:
         return _fit(student, data, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay, flip=cfg.flip, eval_batch_size=cfg.eval_batch_size, seed=seed,
-                    loss_fn=loss_fn, reporter=reporter, resume=resume, max_grad_norm=cfg.max_grad_norm, device=dev)
+                    loss_fn=loss_fn, reporter=reporter, resume=resume, max_grad_norm=cfg.max_grad_norm, device=dev,
+                    channels_last=cfg.channels_last, bf16=cfg.bf16, compile=cfg.compile)
     finally:
         if teacher is not None:
             teacher.to(home)

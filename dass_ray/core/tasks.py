@@ -249,10 +249,15 @@ def load_tasks(path: str | Path) -> list[TaskSpec]:
 
 
 def dataset_task(path: str | Path, scale: ScaleConfig, seed: int = 0, data_root: str | Path | None = None,
-                 pick_classes: Callable[[tuple[str, ...]], list[int]] | None = None) -> tuple[TaskSpec, TensorData]:
+                 pick_classes: Callable[[tuple[str, ...]], list[int]] | None = None,
+                 image_size: Callable[[tuple[int, int]], int] | None = None
+                 ) -> tuple[TaskSpec, TensorData] | tuple[TaskSpec, TensorData, TensorData]:
     """A user dataset as one task over all its classes, or over those `pick_classes(class_names)` answers (label
     numbers; the task's labels follow the dataset's label order): per class up to `scale.train_per_class` training
-    and `scale.val_per_class` validation images (fewer, 80/20, when a class is small). Deterministic in `seed`."""
+    and `scale.val_per_class` validation images (fewer, 80/20, when a class is small). Deterministic in `seed`.
+
+    The data come at the scale's space size (what the predictor ranks at). With `image_size` (a function of the
+    images' native (H, W) giving a side in pixels) a third item holds the same split at that size."""
     p = resolve_dataset_path(path, data_root)
     ds = load_dataset(p)
     pool = sorted(pick_classes(ds.class_names)) if pick_classes else list(range(ds.num_classes))
@@ -271,4 +276,8 @@ def dataset_task(path: str | Path, scale: ScaleConfig, seed: int = 0, data_root:
                                    val_per_class=vpc, seed=seed, prefix="search",
                                    class_pool=pool if pick_classes else None)[0]
     tr, va = load_task_data(task, ds)
-    return task, TensorData.from_datasets(tr, va, get_space(scale.space).image_size)
+    data = TensorData.from_datasets(tr, va, get_space(scale.space).image_size)
+    if image_size is None:
+        return task, data
+    size = int(image_size(tuple(ds.image_size)))
+    return task, data, (data if size == data.x_train.shape[-1] else TensorData.from_datasets(tr, va, size))

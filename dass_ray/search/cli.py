@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
                     help="where KD-trial checkpoints go: on a multi-node cluster a directory every node mounts "
                          "(NFS/EFS) or a URI (s3://bucket/prefix, gs://...); default $DASS_RAY_STORAGE, else "
                          "<output>/tune (one machine only)")
+    ap.add_argument("--cache", default=None, help="where a foreign teacher's soft labels and proxy teacher are "
+                    "cached by content digest (default: $DASS_RAY_CACHE, else <output>/cache; docs/teachers.md)")
     ap.add_argument("--history", default=None, help="search history directory: the distilled students are "
                     "appended to it (exactly once, also across --resume) for retraining the predictor")
     ap.add_argument("--max-flops-ratio", type=float, default=None, metavar="R",
@@ -77,10 +79,10 @@ def relative_budget(prep, ratio: float):
     is not in (0, 1] or no student of the space fits that budget."""
     if not 0 < ratio <= 1:
         raise InputError(f"--max-flops-ratio: must be in (0, 1] (a fraction of the teacher's FLOPs), got {ratio:g}")
-    teacher = prep.space.flops(prep.space.teacher())
+    teacher = prep.deploy_space.flops(prep.space.teacher())  # at the size the student is exported at
     max_flops = int(ratio * teacher)
     try:
-        prep.space.check_budget(max_flops=max_flops, max_params=prep.cfg.max_params or None)
+        prep.deploy_space.check_budget(max_flops=max_flops, max_params=prep.cfg.max_params or None)
     except ValueError as e:
         raise InputError(f"--max-flops-ratio {ratio:g} ({max_flops:,} of the teacher's {teacher:,} FLOPs): "
                          f"{e}") from None

@@ -52,23 +52,29 @@ def dataset_digest(dataset: str | Path, data_root: str | Path | None = None) -> 
     return h.hexdigest()[:16]
 
 
-def task_id_for(dataset_digest: str, teacher: TeacherCheckpoint, classes: tuple[str, ...]) -> str:
-    """One history task per (data, teacher, classes): searches of the same task share it."""
+def task_id_for(dataset_digest: str, teacher: TeacherCheckpoint, classes: tuple[str, ...],
+                image_size: int | None = None) -> str:
+    """One history task per (data, teacher, classes, image size): searches of the same task share it. Students
+    distilled at another size than the teacher's space (`--image-size`) make a task of their own, so accuracies
+    within a task stay comparable."""
     import hashlib
 
-    key = hashlib.sha256(json.dumps([dataset_digest, teacher.digest(), list(classes)]).encode()).hexdigest()[:12]
+    parts = [dataset_digest, teacher.digest(), list(classes)]
+    if image_size is not None and image_size != teacher.space.image_size:
+        parts.append(int(image_size))
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
     return f"history-{key}"
 
 
 def record(history: str | Path, run_id: str, *, job_id: str, dataset_digest: str, source: str,
            classes: tuple[str, ...], teacher: TeacherCheckpoint, space: SpaceConfig, trials: list[dict],
-           seed: int = 0, probe_seed: int = 0) -> int:
+           seed: int = 0, probe_seed: int = 0, image_size: int | None = None) -> int:
     """Append this search's measured students (trials with status "ok") to the history; returns how many."""
     ok = [t for t in trials if t["status"] == "ok" and t["measured_acc"] is not None]
     if not ok:
         return 0
     root = Path(history)
-    task_id = task_id_for(dataset_digest, teacher, classes)
+    task_id = task_id_for(dataset_digest, teacher, classes, image_size)
     eng = Embedder(teacher.state_dict, space, seed=probe_seed)
     tmap = eng.teacher_embedding()
     archs = [ArchConfig.from_json(t["arch_json"]) for t in ok]

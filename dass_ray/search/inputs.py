@@ -8,7 +8,8 @@ from pathlib import Path
 
 from dass_ray.core.config import ScaleConfig, get_scale
 from dass_ray.core.data import DatasetError, bundled_path
-from dass_ray.core.kd import TeacherCheckpoint, TensorData, load_teacher
+from dass_ray.core.foreign import ForeignError, ForeignTask, TeacherOptions, is_foreign_spec, load_foreign
+from dass_ray.core.kd import TeacherCheckpoint, TensorData, kd_recipe, load_teacher
 from dass_ray.core.meta import MetaSGD, load_predictor
 from dass_ray.core.ranking import near_chance
 from dass_ray.core.space import SpaceConfig, get_space
@@ -38,6 +39,9 @@ class SearchConfig(SearchRequest):
     storage: str | None = None
     history: str | None = None  # append the distilled students to this search history (dass_ray.search.history)
     job_id: str | None = None  # the service's job id, recorded with the history rows
+    # where a foreign teacher's soft labels and proxy are cached by content digest (None: $DASS_RAY_CACHE, else
+    # <output>/cache); docs/teachers.md
+    cache: str | None = None
 
 
 
@@ -46,11 +50,45 @@ class Prepared:
     cfg: SearchConfig
     scale: ScaleConfig
     space: SpaceConfig
-    data: TensorData
+    data: TensorData  # at the space's size: what the teacher's soft labels, the ranking and the proxy see
     teacher: TeacherCheckpoint | None  # None: train one
     predictor: MetaSGD
     out: Path
     predictor_meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's training manifest
+    kd_data: TensorData | None = None  # the same split at `image_size`: what students are distilled/exported at
+    foreign: ForeignTask | None = None  # a foreign teacher (TorchScript, ONNX, timm, torchvision) and its images
+
+    def __post_init__(self):
+        if self.kd_data is None:
+            self.kd_data = self.data
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the students' distillation, evaluation and export."""
+        return int(self.kd_data.x_train.shape[-1])
+
+    @property
+    def deploy_space(self) -> SpaceConfig:
+        """The space at `image_size`: FLOPs budgets, the candidates' and the teacher's FLOPs are those of one forward
+        pass at the size the student is exported at (the ranking itself runs at `space.image_size`)."""
+        return dataclasses.replace(self.space, image_size=self.image_size)
+
+
+def choose_image_size(native: tuple[int, int], requested: int, cap: int, space: SpaceConfig) -> int:
+    """The side students are distilled at: `requested` when given (a multiple of the space's total downsampling,
+    at least its ranking size), else the images' native side (the smaller of H, W) capped at `cap`, never below the
+    space's size, rounded down to a multiple of the downsampling."""
+    step, base = space.downsample, space.image_size
+    if requested:
+        if requested < base or requested % step:
+            raise InputError(f"--image-size: must be a multiple of {step} and at least {base} (the predictor's "
+                             f"size), got {requested}")
+        return int(requested)
+    cap = cap or C.FIELDS_BY_NAME["max_image_size"].default
+    if cap < base:
+        raise InputError(f"--max-image-size: must be at least {base} (the predictor's size), got {cap}")
+    side = max(base, min(min(native), cap))
+    return int(side - side % step)
 
 
 def _dataset_path(s: str) -> str:
@@ -77,19 +115,29 @@ def prepare(cfg: SearchConfig) -> Prepared:
         scale = scale.replace(kd={"remap": cfg.remap})
     ds_path = _dataset_path(cfg.dataset)
     teacher = None
-    if cfg.teacher != "train":
+    foreign_spec = cfg.teacher != "train" and is_foreign_spec(cfg.teacher)
+    if cfg.teacher != "train" and not foreign_spec:
+        _no_foreign_options(cfg)
         try:
             teacher = load_teacher(cfg.teacher)
         except ValueError as e:
-            raise InputError(f"--teacher: {e}") from None
+            hint = ("; TorchScript and ONNX teachers are recognised by their content"
+                    if Path(cfg.teacher).is_file() else "")
+            raise InputError(f"--teacher: {e}{hint}") from None
     try:
         pick = (lambda names: C.resolve_classes(cfg.classes, names)) if cfg.classes else None
-        _, data = dataset_task(ds_path, scale, cfg.seed, cfg.data_root, pick_classes=pick)
+        space0 = get_space(scale.space)
+        task, data, kd_data = dataset_task(
+            ds_path, scale, cfg.seed, cfg.data_root, pick_classes=pick,
+            image_size=lambda hw: choose_image_size(hw, cfg.image_size, cfg.max_image_size, space0))
+    except InputError:
+        raise
     except RequestError as e:
         raise InputError(f"--classes: {e}") from None
     except (DatasetError, ValueError) as e:
         raise InputError(f"--dataset: {e}") from None
     space = get_space(scale.space, data.num_classes)
+    foreign = _foreign(cfg, task, data) if foreign_spec else None
     if teacher is not None:
         if teacher.space.num_classes != data.num_classes:
             what = "--classes names" if cfg.classes else f"the dataset {ds_path} has"
@@ -99,7 +147,8 @@ def prepare(cfg: SearchConfig) -> Prepared:
             raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
                              f"({teacher.space.image_size}px); this search uses {space.name!r}")
     try:
-        space.check_budget(max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
+        dataclasses.replace(space, image_size=int(kd_data.x_train.shape[-1])).check_budget(
+            max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
     except ValueError as e:
         raise InputError(f"budget: {e}") from None
     pred_path = cfg.predictor
@@ -120,7 +169,37 @@ def prepare(cfg: SearchConfig) -> Prepared:
         raise InputError(f"--storage: {e}") from None
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
-    return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}))
+    size = int(kd_data.x_train.shape[-1])
+    if kd_recipe(scale.kd, size) != scale.kd:
+        scale = scale.replace(kd=kd_recipe(scale.kd, size))
+    return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}), kd_data,
+                    foreign=foreign)
+
+
+def _no_foreign_options(cfg: SearchConfig) -> None:
+    """A foreign teacher's options given with a teacher that takes none."""
+    for name in ("teacher_weights", "teacher_image_size", "teacher_mean", "teacher_std"):
+        if getattr(cfg, name):
+            raise InputError(f"--{name.replace('_', '-')}: only for a foreign teacher (a TorchScript or ONNX file, "
+                             f"timm:<name> or torchvision:<name>; docs/teachers.md), not {cfg.teacher!r}")
+
+
+def _foreign(cfg: SearchConfig, task, data: TensorData) -> ForeignTask:
+    """Load and check the foreign teacher on the task's own images (uint8, native size): it runs them at its own
+    input size and normalisation (`dass_ray.core.foreign`)."""
+    from dass_ray.core.data import load_dataset
+    from dass_ray.core.tasks import load_task_data
+
+    try:
+        tr, va = load_task_data(task, load_dataset(task.path))
+    except (DatasetError, ValueError) as e:
+        raise InputError(f"--dataset: {e}") from None
+    opts = TeacherOptions(cfg.teacher_weights, cfg.teacher_image_size, cfg.teacher_mean, cfg.teacher_std)
+    try:
+        t = load_foreign(cfg.teacher, opts, data.num_classes, tuple(tr.image_size), probe=tr.images[:2])
+    except ForeignError as e:
+        raise InputError(e.line()) from None
+    return ForeignTask(t, tr.images, va.images, data.y_val.clone())
 
 
 def near_chance_teacher_warning(teacher_acc: float, num_classes: int) -> str | None:

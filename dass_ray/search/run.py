@@ -129,6 +129,8 @@ class SearchRun:
         p = self.p
         if p.teacher is not None:
             return p.teacher
+        if p.foreign is not None:
+            return self._proxy_teacher()
         path = self.out / "teacher.pt"
         if path.exists():
             return load_teacher(path)
@@ -152,6 +154,80 @@ class SearchRun:
         self._save_state()
         return load_teacher(path)
 
+    # a foreign teacher (docs/teachers.md) ---------------------------------------------------------------------
+
+    def _soft_labels(self, teacher: TeacherCheckpoint):
+        """What the KD trials distil: a foreign teacher's own soft labels (cached, sharded), else the teacher's."""
+        if self.p.foreign is not None:
+            return self._foreign_soft()
+        return compute_soft_labels(teacher.model(), self.p.data.x_train, views=2 if self.p.scale.kd.flip else 1)
+
+    def _foreign_soft(self):
+        """The foreign teacher's soft labels, computed once by sharded Ray actors and cached by content digest."""
+        if getattr(self, "_fsoft", None) is None:
+            from dass_ray.search.softlabels import cache_dir, foreign_soft_labels
+
+            f, views = self.p.foreign, 2 if self.p.scale.kd.flip else 1
+            t0 = time.time()
+            self.events.emit("teacher", 0, 1, f"soft labels of the {f.teacher.describe()}: {len(f.x_train)} images x "
+                             f"{views} view(s) on {self.cfg.encoders} actor(s)")
+            soft, cached = foreign_soft_labels(f, views, cache_dir(self.cfg.cache, self.out),
+                                               num_actors=self.cfg.encoders)
+            self.events.emit("teacher", 1, 1, "soft labels " + ("read from the cache" if cached else
+                                                                f"computed in {time.time() - t0:.1f} s"))
+            self._fsoft = soft
+        return self._fsoft
+
+    def _proxy_teacher(self) -> TeacherCheckpoint:
+        """A foreign teacher's proxy: the family's largest member distilled from it on the user's data (Ray Train,
+        resumable, cached by digest); it ranks the candidates and initialises the students (`dass_ray.search.proxy`)."""
+        import shutil
+
+        from dass_ray.core.kd import evaluate, save_teacher
+        from dass_ray.search.proxy import proxy_digest, train_proxy_on_ray
+        from dass_ray.search.softlabels import cache_dir
+
+        p, f = self.p, self.p.foreign
+        if "foreign_teacher_acc" not in self.state:
+            self.state["foreign_teacher_acc"] = f.val_accuracy()
+            self._save_state()
+        soft = self._foreign_soft()
+        digest = proxy_digest(soft.meta.get("digest", ""), p.data, p.space, p.scale, self.cfg.seed)
+        cached = cache_dir(self.cfg.cache, self.out) / f"proxy-{digest}.pt"
+        path = self.out / "proxy_teacher.pt"
+        t0, fresh = time.time(), not cached.is_file()
+        if fresh:
+            total = p.scale.teacher.epochs
+            self.events.emit("teacher", 0, total, f"distilling the foreign teacher (val acc "
+                             f"{self.state['foreign_teacher_acc']:.4f}) into the family's largest member, the proxy "
+                             f"that ranks the candidates")
+            sd, info = train_proxy_on_ray(p.space, p.data, soft, p.scale, storage=self.cfg.storage,
+                                          name=f"proxy-{digest}", seed=self.cfg.seed)
+            model = build(p.space.teacher(), p.space)
+            model.load_state_dict(sd)
+            acc = evaluate(model, p.data.x_val, p.data.y_val)
+            save_teacher(cached, model, p.space, acc, p.data.class_names,
+                         meta={"trained_by": "search", "proxy_of": f.teacher.kind, "foreign": f.teacher.describe(),
+                               "foreign_digest": f.teacher.digest(), "history": info["result"].get("history", []),
+                               "resumed_from": info["resumed_from"]})
+            self.state["timings"]["teacher"] = round(time.time() - t0, 2)
+        if not path.is_file():
+            shutil.copyfile(cached, path)
+        proxy = load_teacher(path)
+        self.events.emit("teacher", p.scale.teacher.epochs, p.scale.teacher.epochs,
+                         f"teacher ({f.teacher.kind}) val acc {self.state['foreign_teacher_acc']:.4f}; proxy teacher "
+                         f"val acc {proxy.val_acc:.4f}" + ("" if fresh else " (from the cache)"))
+        self._save_state()
+        return proxy
+
+    def _teacher_fields(self, teacher: TeacherCheckpoint) -> dict:
+        """result.json's teacher fields: for a foreign teacher its own accuracy and the proxy's."""
+        p = self.p
+        if p.foreign is not None:
+            return {"teacher_acc": float(self.state["foreign_teacher_acc"]), "teacher_kind": p.foreign.teacher.kind,
+                    "proxy_teacher_acc": float(teacher.val_acc)}
+        return {"teacher_acc": teacher.val_acc, "teacher_kind": "family" if p.teacher is not None else "trained"}
+
     def _score(self, teacher: TeacherCheckpoint) -> pa.Table:
         cfg, p = self.cfg, self.p
         cp = self.out / "candidates.parquet"
@@ -160,8 +236,8 @@ class SearchRun:
             return pq.read_table(cp)
         t0 = time.time()
         rng = np.random.default_rng(cfg.seed)
-        archs = p.space.sample_many(rng, cfg.candidates, max_flops=cfg.max_flops or None,
-                                    max_params=cfg.max_params or None)
+        archs = p.deploy_space.sample_many(rng, cfg.candidates, max_flops=cfg.max_flops or None,
+                                           max_params=cfg.max_params or None)
         n = len(archs)
         self.events.emit("embed", 0, n, f"embedding {n} candidates on {cfg.encoders} encoder actor(s), scoring "
                          f"on {cfg.predictors} predictor replica(s)")
@@ -181,7 +257,7 @@ class SearchRun:
         prog.close()
         self.state["timings"]["score"] = round(time.time() - t0, 3)  # sampling, embedding, scoring
         params = np.array([p.space.params(a) for a in archs], dtype=np.int64)
-        flops = np.array([p.space.flops(a) for a in archs], dtype=np.int64)
+        flops = np.array([p.deploy_space.flops(a) for a in archs], dtype=np.int64)  # at the export size
         model = PoolModel(self.prior, scores, params, flops, teacher.val_acc, p.data.num_classes,
                            p.space.encode_many(archs))
         # the distillation order (cfg.order: by default the posterior, before any trial its mean; or the predictor's
@@ -304,8 +380,8 @@ class SearchRun:
         if remaining <= 0:
             self.events.emit("kd", len(done), cfg.top_k, "resumed: all KD trials already finished")
             return self.trial_rows
-        soft = compute_soft_labels(teacher.model(), p.data.x_train, views=2 if p.scale.kd.flip else 1)
-        ctx = {"space": p.space, "teacher_sd": teacher.state_dict, "data": p.data, "kd": p.scale.kd,
+        soft = self._soft_labels(teacher)
+        ctx = {"space": p.space, "teacher_sd": teacher.state_dict, "data": p.kd_data, "kd": p.scale.kd,
                "seed": cfg.seed, "soft": soft, "threads": 1}
         self.cands, self.post = cands, self._pool_model(cands)
         order = cfg.order or C.DEFAULT_ORDER
@@ -328,7 +404,7 @@ class SearchRun:
                        ", re-ranking the rest after each (re-adaptation)" if cfg.readapt else ""])
         self.events.emit("kd", len(done), cfg.top_k, f"distilling the top {cfg.top_k} in "
                          f"{cfg.order or C.DEFAULT_ORDER} order ({remaining} to run, {p.scale.kd.epochs} epochs "
-                         f"each{how})")
+                         f"each at {p.image_size}x{p.image_size} px{how})")
         from ray.tune import PlacementGroupFactory
 
         trainable = tune.with_resources(tune.with_parameters(kd_trainable, ctx=ctx),
@@ -387,7 +463,8 @@ class SearchRun:
         n = history.record(cfg.history, self.state["run_id"], job_id=cfg.job_id or self.state["run_id"],
                            dataset_digest=history.dataset_digest(cfg.dataset, cfg.data_root),
                            source=Path(cfg.dataset).stem, classes=cfg.classes,
-                           teacher=teacher, space=p.space, trials=trials, seed=cfg.seed)
+                           teacher=teacher, space=p.space, trials=trials, seed=cfg.seed,
+                           image_size=p.image_size)
         self.events.emit("export", 1, 1, f"history: {n} measured students appended to {cfg.history}")
 
     def _export(self, teacher: TeacherCheckpoint, cands: pa.Table, trials: list[dict]) -> C.SearchResult:
@@ -414,7 +491,7 @@ class SearchRun:
         model.eval()
         torch.save({"format": "dass_ray.student/1", "arch": arch.to_dict(), "space": p.space.to_dict(),
                     "state_dict": sd, "class_names": list(p.data.class_names)}, self.out / "student.pt")
-        spec = spec_for(p.data, p.space.image_size)
+        spec = spec_for(p.kd_data, p.image_size)
         exports, export_s = export_all(model, spec, self.out)  # TorchScript, ONNX, torch.export
         row = cands.slice(best["index"], 1).to_pylist()[0]
         self.state["timings"]["export"] = round(time.time() - t0, 3)
@@ -424,7 +501,7 @@ class SearchRun:
                                  predicted_acc=best["predicted_acc"], flops=int(row["flops"]),
                                  params=int(row["params"]), index=int(best["index"]),
                                  predicted_rank=int(row["rank"])),
-            teacher_acc=teacher.val_acc, teacher_flops=int(p.space.flops(p.space.teacher())),
+            **self._teacher_fields(teacher), teacher_flops=int(p.deploy_space.flops(p.space.teacher())),
             teacher_params=int(p.space.params(p.space.teacher())), candidates=cands.num_rows, top_k=cfg.top_k,
             trials=[{k: r.get(k) for k in ("index", "predicted_acc", "predicted_lo", "predicted_hi", "measured_acc",
                                            "status")} for r in trials],

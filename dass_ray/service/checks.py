@@ -17,6 +17,7 @@ import select
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 log = logging.getLogger("dass_ray.checks")
 
@@ -51,10 +52,51 @@ def dataset_info(path: str, shown: str) -> tuple[dict | None, str | None]:
             "class_counts": [int(n) for n in ds.class_counts()]}, None
 
 
+def foreign_teacher_info(path: str, shown: str, kind: str) -> tuple[dict | None, str | None]:
+    """A TorchScript or ONNX teacher (`dass_ray.core.foreign`): it must load and run; its head width from a probe
+    batch (an ONNX file's fixed input size, else 32, 64, 224 px tried; 0 when none answers: checked when a search
+    runs it), its input size where the file fixes one (else 0: decided by the search)."""
+    import re
+
+    from dass_ray.core.foreign import ForeignError, TeacherOptions, _onnx_input_shape, load_foreign
+
+    fixed = 0
+    if kind == "onnx":
+        try:
+            _, h, w = _onnx_input_shape(Path(path).read_bytes())
+            fixed = int(h or 0) if h == w else 0
+        except Exception:  # noqa: BLE001 - load_foreign below answers with the reason
+            pass
+    for side in (0, 32, 64, 224):
+        classes = 0
+        try:
+            load_foreign(path, TeacherOptions(image_size=side), 1, (32, 32))
+            classes = 1
+        except ForeignError as e:
+            m = re.search(r"its head has (\d+) classes", str(e))
+            if m:
+                classes = int(m.group(1))
+            elif e.option == "--teacher-image-size":
+                continue  # the probe's size was rejected: try the next one
+            else:
+                log.warning("teacher %s (%s) refused: %s", shown, path, e)
+                return None, _scrub(str(e), path, shown)
+        except Exception as e:  # noqa: BLE001 - a hostile file may break a loader in any way
+            log.warning("teacher %s (%s) unreadable: %r", shown, path, e)
+            return None, f"{shown}: a {kind} file that does not load"
+        return {"num_classes": classes, "image_size": fixed, "val_acc": 0.0, "space": "", "kind": kind}, None
+    return {"num_classes": 0, "image_size": fixed, "val_acc": 0.0, "space": "", "kind": kind}, None
+
+
 def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
-    """Load a teacher checkpoint: its head width, input size, recorded accuracy and search space."""
+    """Load a teacher checkpoint: its head width, input size, recorded accuracy and search space; or a foreign
+    teacher (TorchScript, ONNX; recognised by content): `foreign_teacher_info`."""
+    from dass_ray.core.foreign import sniff
     from dass_ray.core.kd import load_teacher
 
+    kind = sniff(path)
+    if kind is not None:
+        return foreign_teacher_info(path, shown, kind)
     try:
         ck = load_teacher(path)
     except ValueError as e:
@@ -62,9 +104,10 @@ def teacher_info(path: str, shown: str) -> tuple[dict | None, str | None]:
         return None, _scrub(str(e), path, shown)
     except Exception as e:  # noqa: BLE001
         log.warning("teacher %s (%s) unreadable: %r", shown, path, e)
-        return None, f"{shown}: not a readable teacher checkpoint (expected a file written by train_teacher.py)"
+        return None, (f"{shown}: not a readable teacher checkpoint (expected a file written by train_teacher.py, "
+                      f"or a TorchScript or ONNX classifier)")
     return {"num_classes": int(ck.space.num_classes), "image_size": int(ck.space.image_size),
-            "val_acc": float(ck.val_acc), "space": ck.space.name}, None
+            "val_acc": float(ck.val_acc), "space": ck.space.name, "kind": "family"}, None
 
 
 def budget(scale: str, num_classes: int, max_flops: int, max_params: int) -> tuple[dict | None, str | None]:

@@ -227,14 +227,18 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         scale = req.scale
         if tinfo is not None:
             field_name = request.WhichOneof("teacher")
-            if tinfo["num_classes"] != num_classes:
+            foreign = tinfo.get("kind", "family") != "family"  # TorchScript / ONNX: any classifier, no space
+            if tinfo["num_classes"] != num_classes and (tinfo["num_classes"] or not foreign):
                 raise _invalid(field_name, f"the teacher's head has {tinfo['num_classes']} classes but the search "
                                f"has {num_classes}" + (" (the classes asked for)" if req.classes else
                                                        " (the dataset's)"))
             want = C.SCALE_SPACES[scale]
-            if tinfo["space"] != want:
+            if not foreign and tinfo["space"] != want:
                 raise _invalid(field_name, f"the teacher belongs to search space {tinfo['space']!r}; scale "
                                f"{scale!r} searches space {want!r}")
+        given = [n for n in ("teacher_image_size", "teacher_mean", "teacher_std") if getattr(req, n)]
+        if given and (tinfo is None or tinfo.get("kind", "family") == "family"):
+            raise _invalid(given[0], "only for a foreign teacher (a TorchScript or ONNX upload; docs/teachers.md)")
         if req.max_flops or req.max_params:
             self._check_budget(req, num_classes)
         return J.SearchSpec(dataset=dataset, teacher=teacher, dry_run=request.dry_run,
@@ -357,7 +361,8 @@ class SearchServicer(InputsMixin, pb_grpc.SearchServiceServicer):
         return pb.SearchResult(job_id=job.job_id, best=student, teacher_acc=res.teacher_acc,
                                timings_s=res.timings_s, candidates=res.candidates, top_k=res.top_k, artifacts=arts,
                                result_json=json.dumps(doc), input_spec=pb.InputSpec(**res.input_spec.to_dict()),
-                               class_names=res.class_names, warnings=res.warnings, spec=_spec_pb(job.spec))
+                               class_names=res.class_names, warnings=res.warnings, spec=_spec_pb(job.spec),
+                               teacher_kind=res.teacher_kind, proxy_teacher_acc=res.proxy_teacher_acc or 0.0)
 
     def _served(self, job: J.JobRow, name: str) -> Path | None:
         """The file a client gets for artifact `name` (None: the job has none). Tables are served as a copy whose

@@ -126,7 +126,7 @@ class InputsMixin:
         i = up.info
         return pb.TeacherInfo(teacher_id=f"sha256:{up.sha256}", size_bytes=up.size, num_classes=i["num_classes"],
                               image_size=i["image_size"], val_acc=i["val_acc"], space=i["space"],
-                              already_present=present)
+                              already_present=present, kind=i.get("kind", "family"))
 
     # ---- submit -------------------------------------------------------------------------------------------
     def _cached_info(self, field_name: str, p: Path, fn) -> dict:
