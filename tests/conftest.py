@@ -56,6 +56,23 @@ def ray_local():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_head():
+    """A private `ray start --head` for one test module (`raytools.RayHead`: own temp dir and ports; the equivalent
+    of a user's head, whose Ray Jobs API a runner, a server or `ray job submit` talks to), started only when a test
+    asks for it; at the end every process of it is killed -- those that name its temp dir or GCS port, then those
+    that only carry its RAY_TMPDIR (`kill_ray`) -- never with `ray stop`."""
+    from raytools import RayHead, kill_ray
+
+    head = RayHead()
+    try:
+        head.start()
+        yield head
+    finally:
+        head.cleanup()
+        kill_ray(head.tmp)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
@@ -70,9 +87,9 @@ def rng():
 # becomes the child subreaper, so a grandchild orphaned by its parent is re-parented to pytest instead of to PID 1.
 #
 # At the end: Ray is disconnected if a test left it connected; every process still alive that carries the marker
-# (or is a child of pytest) is given 20 s to exit, then killed -- and then the run FAILS, naming it; the private
-# temp root (Ray's session directories, pytest's tmp_path) is removed; a new entry left in the machine's temp dir
-# by the run (a Ray session dir, a tempfile or pytest dir, one of this suite's prefixes) fails it too. The outermost sessionfinish wrapper turns an exception raised by any sessionfinish hook
+# (or is a child of pytest) is given 20 s ($DASS_TEST_END_WAIT_S) to exit, then killed -- and then the run FAILS,
+# naming it; the private temp root (Ray's session directories, pytest's tmp_path) is removed; a new entry left in
+# the machine's temp dir by the run (a Ray session dir, a tempfile or pytest dir, one of this suite's prefixes) fails it too. The outermost sessionfinish wrapper turns an exception raised by any sessionfinish hook
 # (this file's or a plugin's) into a printed traceback and a non-zero status.
 #
 # Then the process leaves with `os._exit(<final status>)` instead of running the interpreter's finalization:
@@ -191,7 +208,8 @@ def _end_checks(session) -> bool:
             ray.shutdown()
     t0 = time.monotonic()
     left = session_leftovers()
-    while left and time.monotonic() - t0 < 20:  # processes being stopped right now get a moment to exit
+    wait = float(os.environ.get("DASS_TEST_END_WAIT_S", "20"))  # tests/test_session_end.py shortens it
+    while left and time.monotonic() - t0 < wait:  # processes being stopped right now get a moment to exit
         time.sleep(0.5)
         left = session_leftovers()
     for pid, cmd in left:

@@ -79,6 +79,35 @@ def kill_under(marker: str) -> None:
         time.sleep(0.2)
 
 
+def with_env(entry: str) -> dict[int, str]:
+    """pid -> command line of the live processes (this one aside) whose environment holds `entry` ("NAME=value")."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(d.name) != os.getpid() and \
+                    entry.encode() in (d / "environ").read_bytes().split(b"\0") and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+def kill_ray(tmp: str) -> None:
+    """Stop a Ray whose processes were started with RAY_TMPDIR=`tmp`: those whose command line names the dir or
+    descends from one that does (`kill_under`), then those that only carry it in their environment."""
+    kill_under(tmp)
+    t0 = time.monotonic()
+    while left := with_env(f"RAY_TMPDIR={tmp}"):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        assert time.monotonic() - t0 < 15, f"cannot stop: {left}"
+        time.sleep(0.2)
+
+
 class RayHead:
     """`ray start --head` under a private temp dir and private ports; `kill()` kills only its processes (and
     their children, e.g. the drivers of its Ray Jobs): the equivalent of losing the head node."""
@@ -111,7 +140,7 @@ class RayHead:
             except Exception:  # noqa: BLE001
                 if time.monotonic() - t0 > 120:
                     raise
-                time.sleep(1)
+                time.sleep(0.25)
 
     def kill(self) -> None:
         kill_under(self.tmp)

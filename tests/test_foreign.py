@@ -304,6 +304,32 @@ def _check_foreign_result(run: dict, kind: str, teacher_acc: float, out: Path) -
     from dass_ray.core.kd import load_teacher
 
     assert load_teacher(out / "proxy_teacher.pt").val_acc == pytest.approx(res["proxy_teacher_acc"])
+    _check_exports_match_the_student(out, res)
+
+
+def _check_exports_match_the_student(out: Path, res: dict) -> None:
+    """The found student's ONNX and torch.export files load and give the PyTorch student's logits (1e-4) on images
+    as a user has them (uint8, the input spec's size and channels)."""
+    import onnxruntime as ort
+
+    from dass_ray.contract import InputSpec
+    from dass_ray.core.export import Preprocessed
+    from dass_ray.core.nets import build
+    from dass_ray.core.space import ArchConfig, SpaceConfig
+
+    blob = torch.load(out / "student.pt", map_location="cpu", weights_only=False)
+    student = build(ArchConfig.from_dict(blob["arch"]), SpaceConfig.from_dict(blob["space"]))
+    student.load_state_dict(blob["state_dict"])
+    spec = InputSpec.from_dict(res["input_spec"])
+    x = torch.randint(0, 256, (3, spec.height, spec.width, spec.channels), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = Preprocessed(student.eval(), spec)(x)
+        prog = torch.export.load(str(out / "student.pt2")).module()
+        torch.testing.assert_close(prog(x), ref, rtol=1e-4, atol=1e-4)
+    sess = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.ray

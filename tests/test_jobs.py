@@ -359,48 +359,44 @@ def test_bad_input_fails_with_its_reason_and_jobs_run_one_at_a_time(tmp_path, lo
 @pytest.mark.timeout(1200)
 def test_search_survives_its_runner_and_resumes_after_being_lost(tmp_path, local_env, monkeypatch):
     """Runner A starts a real tiny search and goes away (a server restart); runner B re-attaches to the still
-    running process; then, during KD, the process is killed without an exit status (machine/worker loss): B
-    launches it again with --resume and it finishes from its saved stage (the scored candidates are kept). The
-    relaunched search is lost twice more at the risky moments of its history append -- right after the students
-    file is written (before the task file), and right after the "history ... appended" event (before "done") --
-    and the client's history still holds its students exactly once, counted on disk."""
+    running process, which is then killed without an exit status (machine/worker loss) at the risky moments of its
+    history append -- right after the students file is written (before the task file), and, relaunched, right after
+    the "history ... appended" event (before "done"): each time B launches it again with --resume and it continues
+    from its saved stage (the scored candidates and the KD trials are kept), and the client's history still holds
+    its students exactly once, counted on disk. (A loss in the middle of KD and the resume from it: the Ray Job
+    backend in test_server.py's head-restart test; a lost worker node in test_multinode.py.)"""
     s = spec(teacher_path=str(TEACHER), scale="tiny", candidates=24, top_k=2, kd_epochs=1)
     killing = tmp_path / "killing_search.py"
     killing.write_text(_KILLING_SEARCH)
     plan = tmp_path / "kill-plan"
     plan.write_text("between-the-history-files\nafter-the-history-event\n")
     monkeypatch.setenv("DASS_TEST_KILL_PLAN", str(plan))
-    kw = dict(history=True, max_attempts=4, search_cmd=[sys.executable, str(killing)])
+    kw = dict(history=True, max_attempts=3, search_cmd=[sys.executable, str(killing)])
     a = _runner(tmp_path, **kw).start()
     job, _ = a.submit("alice", "", s)
     wait_for(lambda: (j := a.store.get(job.job_id)).stage in ("embed", "score", "kd") or j.terminal, 180,
              "the search to start")
     a.stop()
     assert not a.store.get(job.job_id).terminal, a.store.get(job.job_id).error
-    handle = json.loads(a.store.get(job.job_id).handle)
-
     b = _runner(tmp_path, **kw).start()
     try:
         j = b.store.get(job.job_id)
         assert j.state == J.RUNNING and j.attempts == 1 and b.backend.poll(j.handle).kind == "running"
-        # B keeps recording the re-attached search's events, up to its KD stage.
-        wait_for(lambda: (j := b.store.get(job.job_id)).stage == "kd" or j.terminal, 180, "the KD stage")
-        j = b.store.get(job.job_id)
-        assert not j.terminal, f"the search ended before it could be interrupted: {j.state} {j.error}"
-        os.killpg(handle["pid"], signal.SIGKILL)  # launcher and search die; no exit file is written
-        _kill_all(local_env)  # and the search's own local Ray instance with them
+        # B keeps recording the re-attached search's events, through its losses, to the end.
         final = wait_for(lambda: (j := b.store.get(job.job_id)).terminal and j, 600, "the resumed search")
     finally:
         b.stop()
     assert final.state == J.SUCCEEDED, final.error
     assert plan.read_text() == "", "a kill point of the history append was never reached"
-    assert final.attempts == 4  # killed in KD, between the history files, after the history event; then done
+    assert final.attempts == 3  # killed between the history files, after the history event; then done
     evs = b.store.events(job.job_id)
     assert [e.seq for e in evs] == list(range(len(evs)))
     assert evs[-1].stage == "done" and [e.terminal for e in evs].count(True) == 1
     stages = [e.stage for e in evs]
     i = stages.index("resumed")
     assert "kd" in stages[:i] and "embed" not in stages[i + 1:], stages  # candidates were not scored again
+    kd_after = [e.done for e in evs[i:] if e.stage == "kd"]
+    assert kd_after and set(kd_after) == {2}, stages  # nor a KD trial run again (top_k 2, both already done)
     out = b.output_dir(job.job_id)
     res = json.loads((out / "result.json").read_text())
     trials = pq.read_table(out / "trials.parquet").to_pylist()
@@ -451,20 +447,6 @@ def test_retrain_spec_round_trip_and_arguments(tmp_path):
     store.close()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A private `ray start --head` (own temp dir and ports) whose Ray Jobs API the runner talks to, as the server
-    does (`RayJobBackend`); started only by the tests that ask for it."""
-    from raytools import RayHead
-
-    head = RayHead()
-    try:
-        head.start()
-        yield head
-    finally:
-        head.cleanup()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
@@ -480,10 +462,10 @@ def test_a_retrain_job_whose_ray_head_is_lost_resumes_from_its_checkpoint(tmp_pa
     try:
         hist = r.history_dir("alice")
         history_from_metadataset(meta, ["test-mnist5k-s31-000", "test-omniglot_small-s32-000"], hist, students=20)
-        job, _ = r.submit("alice", "", J.RetrainSpec(episodes=12, seed=0))
+        job, _ = r.submit("alice", "", J.RetrainSpec(episodes=8, seed=0))
         j = wait_for(lambda: (j := r.store.get(job.job_id)).terminal and j or (j.stage == "retrain" and j.done >= 3
                                                                                and j), 600, "the first checkpoint")
-        assert not j.terminal and j.done < 12, f"the retrain ended before it could be interrupted: {j.error}"
+        assert not j.terminal and j.done < 8, f"the retrain ended before it could be interrupted: {j.error}"
         assert j.backend == "ray" and j.handle == f"dass-{job.job_id}-1"
         ray_head.kill()  # the head node is lost, with the Ray Job's driver and its Ray Train workers
         ray_head.start()
@@ -493,7 +475,7 @@ def test_a_retrain_job_whose_ray_head_is_lost_resumes_from_its_checkpoint(tmp_pa
     assert final.state == J.SUCCEEDED and final.attempts == 2, final.error
     assert ray_head.job_status(f"dass-{job.job_id}-2") == "SUCCEEDED"
     out = json.loads((r.output_dir(job.job_id) / "retrain.json").read_text())
-    assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 12
+    assert out["version"] == "v1" and out["resumed_from_episode"] >= 3 and out["config"]["episodes"] == 8
     versions = sorted(p.name for p in (hist / "predictors").glob("v*.pt"))
     assert versions == ["v1.pt"]
     assert json.loads((hist / "predictors" / "v1.json").read_text()) == out
@@ -503,5 +485,5 @@ def test_a_retrain_job_whose_ray_head_is_lost_resumes_from_its_checkpoint(tmp_pa
     i = stages.index("resumed")
     assert "Ray Job" in evs[i].message
     progress_after = [e.done for e in evs[i:] if e.stage == "retrain"]
-    assert progress_after and progress_after[0] > 3 and progress_after[-1] == 12  # no episode redone from 0
+    assert progress_after and progress_after[0] > 3 and progress_after[-1] == 8  # no episode redone from 0
     assert evs[-1].stage == "done" and "v1" in evs[-1].message

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from raytools import RayHead
-
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def head():
-    h = RayHead()
-    h.start()
-    yield h
-    h.cleanup()
-
-
-def test_ray_job_submit_runs_the_search(head, tmp_path):
+def test_ray_job_submit_runs_the_search(ray_head, tmp_path):
     from dass_ray.core.meta import make_model, save_predictor
     from dass_ray.core.space import get_space
 
@@ -29,10 +19,10 @@ def test_ray_job_submit_runs_the_search(head, tmp_path):
     save_predictor(pred, make_model(get_space("cpu")), get_space("cpu"))
     out = tmp_path / "out"
     ray = Path(sys.executable).parent / "ray"
-    base = [str(ray), "job", "submit", "--address", head.address, "--working-dir", str(ROOT), "--",
+    base = [str(ray), "job", "submit", "--address", ray_head.address, "--working-dir", str(ROOT), "--",
             sys.executable, "scripts/search.py", "--scale", "tiny", "--predictor", str(pred), "--address", "auto"]
     cmd = base + ["--candidates", "32", "--top-k", "3", "--output", str(out)]
-    r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     # no error-level line from a search that succeeds (Ray's log format: "[date time E pid tid] file:line: ...")
@@ -56,6 +46,6 @@ def test_ray_job_submit_runs_the_search(head, tmp_path):
     assert all(c.startswith("tune/") and (out / c).is_dir() for c in cks), cks
     # a bad input fails the job with the one-line reason and a non-zero exit
     bad = subprocess.run(base + ["--top-k", "5", "--candidates", "2", "--output", str(tmp_path / "o2")],
-                         env=head.env, capture_output=True, text=True, timeout=300)
+                         env=ray_head.env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "--top-k: top_k (5) must not exceed candidates (2)" in bad.stdout + bad.stderr

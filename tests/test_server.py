@@ -42,7 +42,7 @@ TINY = dict(scale="tiny", candidates=24, top_k=2, kd_epochs=1)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-from raytools import RayHead, free_ports, kill_under, wait_serving  # noqa: E402  (shared with test_ray_job.py)
+from raytools import free_ports, kill_ray, wait_serving, with_env  # noqa: E402  (ray_head: tests/conftest.py)
 
 
 class Server:
@@ -84,17 +84,6 @@ def token_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("auth") / "tokens.txt"
     p.write_text("# client-name token\n" + "".join(f"{k} {v}\n" for k, v in TOKENS.items()))
     return p
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead()
-    try:
-        head.start()
-        yield head
-    finally:
-        head.cleanup()
-        kill_ray(head.tmp)  # its Ray Client server names no directory of the head
 
 
 @pytest.fixture(scope="module")
@@ -849,35 +838,6 @@ def test_per_client_queue_and_running_limits_and_fair_order(tmp_path, token_file
         ray.close()
 
 
-def _with_env(entry: str) -> dict[int, str]:
-    """pid -> command line of the live processes (this one aside) whose environment holds `entry` ("NAME=value")."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int(d.name) != os.getpid() and \
-                    entry.encode() in (d / "environ").read_bytes().split(b"\0") and \
-                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return out
-
-
-def kill_ray(tmp: str) -> None:
-    """Stop a Ray whose processes were started with RAY_TMPDIR=`tmp`: those whose command line names the dir or
-    descends from one that does (`kill_under`), then those that only carry it in their environment."""
-    kill_under(tmp)
-    t0 = time.monotonic()
-    while left := _with_env(f"RAY_TMPDIR={tmp}"):
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        assert time.monotonic() - t0 < 15, f"cannot stop: {left}"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
@@ -898,13 +858,13 @@ def test_a_ray_head_is_stopped_whole(tmp_path, monkeypatch):
             assert head.address().startswith("http://127.0.0.1:")
         except Exception as e:  # noqa: BLE001
             pytest.fail(f"{e}\n{head.log_file.read_text()[-3000:] if head.log_file.exists() else ''}")
-        started = list(_with_env(f"RAY_TMPDIR={tmp}").values())
+        started = list(with_env(f"RAY_TMPDIR={tmp}").values())
         assert any("gcs_server" in c for c in started) and any("ray.util.client.server" in c for c in started)
         kill_ray(tmp)
-        left = _with_env(f"RAY_TMPDIR={tmp}")
+        left = with_env(f"RAY_TMPDIR={tmp}")
         assert left == {}, f"left running: {left}"
     finally:
-        for pid in _with_env(f"RAY_TMPDIR={tmp}"):  # whatever happened above
+        for pid in with_env(f"RAY_TMPDIR={tmp}"):  # whatever happened above
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -1028,38 +988,6 @@ def test_end_to_end_across_server_restarts(ray_server, ray_head, ray_alice, tmp_
     assert alice.download(job.job_id, "report", tmp_path).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_a_retrain_job_leaves_nothing_on_the_head_and_one_task_is_never_promoted(ray_server, ray_head):
-    """A retrain job of a client whose history holds one task (real rows of the shipped meta-dataset, in the layout
-    a search writes): the version is written but cannot be promoted (no held-out task of the client's own to judge
-    it on), so "latest" stays the shipped predictor; and the job leaves no actor of Ray Train's on the head."""
-    import hashlib
-    import json
-
-    from ray.util.state import list_actors
-
-    from dass_ray.offline.retrain import history_from_metadataset
-
-    hist = ray_server.state_dir / "history" / hashlib.sha256(b"carol").hexdigest()[:16]  # carol searches nothing
-    history_from_metadataset(ROOT / "artifacts" / "metadataset", ["test-mnist5k-s31-000"], hist, students=10)
-    with client(ray_server, "carol") as c:
-        job = c.retrain(episodes=2)
-        final = c.wait(job.job_id, timeout_s=800)
-        assert state_name(final.state) == "SUCCEEDED", final.error
-        (v,) = c.predictors()
-        assert (v.version, v.parent_version, v.history_tasks, v.history_students) == ("v1", "shipped", 1, 10)
-        assert not v.promoted and not v.latest, v
-        assert "no held-out task" in json.loads(v.manifest_json)["promotion"]
-    alive = [a.class_name for a in list_actors(address=ray_head.address, filters=[("state", "=", "ALIVE")])]
-    if {"_AutoscalingCoordinatorActor", "TrainController"} & set(alive):
-        from ray.job_submission import JobSubmissionClient
-
-        logs = JobSubmissionClient(ray_head.address).get_job_logs(f"dass-{job.job_id}-1")
-        pytest.fail(f"left on the head after the retrain job: {alive}; the job's log ends:\n{logs[-3000:]}")
-
-
 def _search_running(c, job_id):
     return wait_job(c, job_id, lambda j: j.stage in ("embed", "score", "kd") or j.state in TERMINAL, 300,
                     "the search to start")
@@ -1127,7 +1055,9 @@ def test_ray_head_restart_resumes_from_the_saved_stage(ray_server, ray_head, ray
 @pytest.mark.timeout(1200)
 def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(token_file, tmp_path):
     """Re-adaptation and ASHA, set through the proto, reach the search; both searches run as Ray Jobs on the one
-    local head the server started on its first search (the second reuses it)."""
+    local head the server started on its first search (the second reuses it). Then a retrain of the client's
+    history, whose one task leaves none held out: the version is written but never promoted ("latest" stays the
+    shipped predictor), and the job leaves no actor of Ray Train's on the head."""
     import json
 
     tmp = tempfile.mkdtemp(prefix="dlh")
@@ -1180,6 +1110,7 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
             assert v.version == "v1" and v.parent_version == "shipped" and v.history_tasks == 1
             assert v.history_students == len(task.acc)
             assert not v.promoted and not v.latest  # one task: none held out to judge it on, never promoted
+            assert "no held-out task" in json.loads(v.manifest_json)["promotion"]
             assert str(srv.state_dir) not in v.manifest_json
             expect(grpc.StatusCode.FAILED_PRECONDITION, b.retrain, contains="history is empty")
             assert b.predictors() == []
@@ -1188,7 +1119,14 @@ def test_a_server_without_address_runs_searches_as_ray_jobs_on_its_own_head(toke
         from ray.job_submission import JobSubmissionClient
 
         ids = {x.submission_id for x in JobSubmissionClient(head["dashboard"]).list_jobs()}
-        assert {f"dass-{j1.job_id}-1", f"dass-{j2.job_id}-1"} <= ids
+        assert {f"dass-{j1.job_id}-1", f"dass-{j2.job_id}-1", f"dass-{rj.job_id}-1"} <= ids
+        # the retrain job left no actor of Ray Train's on the head
+        from ray.util.state import list_actors
+
+        alive = [a.class_name for a in list_actors(address=head["dashboard"], filters=[("state", "=", "ALIVE")])]
+        if {"_AutoscalingCoordinatorActor", "TrainController"} & set(alive):
+            logs = JobSubmissionClient(head["dashboard"]).get_job_logs(f"dass-{rj.job_id}-1")
+            pytest.fail(f"left on the head after the retrain job: {alive}; the job's log ends:\n{logs[-3000:]}")
     finally:
         srv.stop()
         kill_ray(tmp)

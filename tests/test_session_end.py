@@ -54,7 +54,8 @@ def test_exception_in_a_sessionfinish_hook_fails_the_run(inner):
     assert "Traceback" in r.stderr.str()
 
 
-def test_orphaned_grandchild_fails_the_run_and_is_killed(inner):
+def test_orphaned_grandchild_fails_the_run_and_is_killed(inner, monkeypatch):
+    monkeypatch.setenv("DASS_TEST_END_WAIT_S", "1")  # the inner session's wait for it to exit (20 s by default)
     inner.makepyfile(test_leak="""
         import subprocess
         def test_leaks_a_grandchild():
