@@ -16,7 +16,7 @@ install: $(STAMP) $(PROTO_OUT)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,timm]'
 	$(BIN)/python scripts/gen_proto.py
 	@touch $(STAMP)
 

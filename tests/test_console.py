@@ -1,3 +1,4 @@
+import dataclasses
 """What a search shows a person (issue 29): the summary it ends with, the KD progress lines, the relative budget
 (`--max-flops-ratio`) and the report figure. No Ray: the progress callback gets plain objects and a fake clock."""
 import io
@@ -146,9 +147,13 @@ def test_progress_on_trial_end_and_through_the_tune_hooks():
 
 def test_relative_budget():
     space = get_space("cpu", 10)
-    prep = SimpleNamespace(space=space, cfg=SearchConfig())
+    prep = SimpleNamespace(space=space, deploy_space=space, cfg=SearchConfig())
     teacher = space.flops(space.teacher())
     assert relative_budget(prep, 0.25).max_flops == int(0.25 * teacher)
+    # students exported at 64 px: the ratio is of the teacher's FLOPs at 64 px (about 4x those at 32)
+    at64 = SimpleNamespace(space=space, deploy_space=dataclasses.replace(space, image_size=64), cfg=SearchConfig())
+    teacher64 = at64.deploy_space.flops(space.teacher())
+    assert teacher64 > 3.9 * teacher and relative_budget(at64, 0.25).max_flops == int(0.25 * teacher64)
     for bad in (0, -0.5, 1.5):
         with pytest.raises(InputError, match=r"--max-flops-ratio: must be in \(0, 1\]"):
             relative_budget(prep, bad)

@@ -161,6 +161,27 @@ def test_torchvision_teacher_from_a_state_dict(task, tmp_path):
         torch.testing.assert_close(t.logits(x), net((ref - 0.5) / 0.25), rtol=1e-4, atol=1e-4)
 
 
+def test_timm_teacher_takes_its_input_size_and_normalisation_from_pretrained_cfg(task, tmp_path):
+    timm = pytest.importorskip("timm")  # installed by `make install` (the [timm] extra)
+
+    _, _, tr, va = task
+    torch.manual_seed(0)
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    cfg = net.pretrained_cfg
+    assert cfg["input_size"] == (3, 160, 160) and cfg["mean"] == (0.485, 0.456, 0.406)  # what the test relies on
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    t = load_foreign("timm:test_efficientnet", TeacherOptions(weights=str(tmp_path / "w.pt")), 10, tr.image_size)
+    assert t.size == (160, 160) and t.mean == cfg["mean"] and t.std == cfg["std"]
+    x = va.images[:2]
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, size=(160, 160),
+                                          mode="bilinear", align_corners=False, antialias=False)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(t.logits(x), net((ref - mean) / std), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ForeignError, match="timm has no model 'no_such_net'"):
+        load_foreign("timm:no_such_net", TeacherOptions(weights=str(tmp_path / "w.pt")), 10, tr.image_size)
+
+
 def _cfg(tmp_path, teacher, **kw):
     from dass_ray.search import SearchConfig
 
