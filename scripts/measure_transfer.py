@@ -175,6 +175,22 @@ def _family(space, sd):
     return m.eval()
 
 
+def _boot(x: list[float], y: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """90% bootstrap interval (over students) of the Spearman correlation of x and y."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x), np.asarray(y)
+    vals = []
+    for _ in range(n):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            vals.append(spearman(x[i], y[i]))
+    return [round(float(np.quantile(vals, 0.05)), 3), round(float(np.quantile(vals, 0.95)), 3)]
+
+
+def _rho(x: list[float], y: list[float]) -> dict:
+    return {"spearman": spearman(x, y), "n": len(x), "ci90": _boot(x, y)}
+
+
 def summary(out: Path) -> dict:
     rows = Rows(out / "rows.jsonl").rows
     tasks = sorted({r["task"] for r in rows})
@@ -194,14 +210,14 @@ def summary(out: Path) -> dict:
             if a not in acc or b not in acc:
                 return None
             common = sorted(set(acc[a]) & set(acc[b]))
-            return {"spearman": spearman([acc[a][d] for d in common], [acc[b][d] for d in common]), "n": len(common)}
+            return _rho([acc[a][d] for d in common], [acc[b][d] for d in common])
 
         def rho_pred(teacher, tag):
             if teacher not in sc or tag not in acc:
                 return None
             s = dict(zip(sc[teacher]["digests"], sc[teacher]["scores"]))
             common = sorted(set(s) & set(acc[tag]))
-            return {"spearman": spearman([s[d] for d in common], [acc[tag][d] for d in common]), "n": len(common)}
+            return _rho([s[d] for d in common], [acc[tag][d] for d in common])
 
         entry["spearman"] = {
             "seed0_vs_seed1_at32": rho("family32", "family32_seed1"),
@@ -216,8 +232,8 @@ def summary(out: Path) -> dict:
         if "family" in sc and "family32" in acc:
             m = dict(zip(sc["family"]["digests"], sc["family"]["meta_acc32"]))
             common = sorted(set(m) & set(acc["family32"]))
-            entry["spearman"]["metadataset_vs_family32"] = {
-                "spearman": spearman([m[d] for d in common], [acc["family32"][d] for d in common]), "n": len(common)}
+            entry["spearman"]["metadataset_vs_family32"] = _rho([m[d] for d in common],
+                                                                [acc["family32"][d] for d in common])
         for tag in ("family64", "family64_seed1"):
             if tag in acc and "family32" in acc:
                 common = sorted(set(acc[tag]) & set(acc["family32"]))
@@ -226,11 +242,11 @@ def summary(out: Path) -> dict:
         res["tasks"][t] = entry
     res["kd_wall_s"] = float(sum(r.get("wall_s", 0.0) for r in rows))
     (out / "summary.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = ["| task | quantity | Spearman | n |", "|---|---|---|---|"]
+    lines = ["| task | quantity | Spearman [90% bootstrap] | n |", "|---|---|---|---|"]
     for t, e in res["tasks"].items():
         for k, v in e["spearman"].items():
             if v is not None:
-                lines.append(f"| {t} | {k} | {v['spearman']:.2f} | {v['n']} |")
+                lines.append(f"| {t} | {k} | {v['spearman']:.2f} [{v['ci90'][0]:.2f}, {v['ci90'][1]:.2f}] | {v['n']} |")
     lines += ["", "| task | teachers (val acc) | mean student acc |", "|---|---|---|"]
     for t, e in res["tasks"].items():
         lines.append(f"| {t} | " + ", ".join(f"{k} {v:.3f}" for k, v in e["teachers"].items()) + " | "
