@@ -106,8 +106,11 @@ class SearchRun:
                              f"{len(p.data.y_train)} train / {len(p.data.y_val)} val images")
             teacher = self._teacher()
             self.teacher = teacher
+            accs = [teacher.val_acc]  # a foreign teacher: the proxy's and its own (the students learn from it)
+            if p.foreign is not None and "foreign_teacher_acc" in self.state:
+                accs.append(float(self.state["foreign_teacher_acc"]))
             self.warnings = [w for w in [teacher_range_warning(teacher.val_acc, p.predictor_meta),
-                                         near_chance_teacher_warning(teacher.val_acc, p.data.num_classes)] if w]
+                                         near_chance_teacher_warning(min(accs), p.data.num_classes)] if w]
             for w in self.warnings:
                 print(f"warning: {w}", file=sys.stderr, flush=True)
                 self.events.emit("validate", 1, 1, f"warning: {w}")
