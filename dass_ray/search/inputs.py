@@ -137,6 +137,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
     except (DatasetError, ValueError) as e:
         raise InputError(f"--dataset: {e}") from None
     space = get_space(scale.space, data.num_classes)
+    size = int(kd_data.x_train.shape[-1])  # the students' side (`Prepared.image_size`)
     foreign = _foreign(cfg, task, data) if foreign_spec else None
     if teacher is not None:
         if teacher.space.num_classes != data.num_classes:
@@ -147,7 +148,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
             raise InputError(f"--teacher: it was trained in space {teacher.space.name!r} "
                              f"({teacher.space.image_size}px); this search uses {space.name!r}")
     try:
-        dataclasses.replace(space, image_size=int(kd_data.x_train.shape[-1])).check_budget(
+        dataclasses.replace(space, image_size=size).check_budget(  # FLOPs at the size it is exported at
             max_flops=cfg.max_flops or None, max_params=cfg.max_params or None)
     except ValueError as e:
         raise InputError(f"budget: {e}") from None
@@ -169,7 +170,6 @@ def prepare(cfg: SearchConfig) -> Prepared:
         raise InputError(f"--storage: {e}") from None
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         raise InputError(f"--output {out} is not empty; pass --resume to continue that search or use a new directory")
-    size = int(kd_data.x_train.shape[-1])
     if kd_recipe(scale.kd, size) != scale.kd:
         scale = scale.replace(kd=kd_recipe(scale.kd, size))
     return Prepared(cfg, scale, space, data, teacher, predictor, out, dict(blob.get("meta") or {}), kd_data,
