@@ -426,6 +426,15 @@ def test_a_near_chance_teacher_is_warned_about():
             near_chance_warning(acc, classes) is not None), (acc, classes)
 
 
+def test_a_foreign_teacher_near_chance_is_warned_about_even_with_a_good_proxy():
+    from dass_ray.search.inputs import teacher_warnings
+
+    # Tiny-ImageNet in artifacts/transfer: a from-scratch ResNet-18 at 0.26 on 5 classes, its proxy at 0.568
+    w = teacher_warnings(0.568, 5, {}, foreign_acc=0.26)
+    assert len(w) == 1 and w[0].startswith("teacher accuracy 0.260 is near chance")
+    assert teacher_warnings(0.568, 5, {}) == [] and teacher_warnings(0.568, 5, {}, foreign_acc=0.65) == []
+
+
 def test_teacher_outside_the_meta_training_range_is_warned_about():
     from dass_ray.search import teacher_range_warning
 

@@ -213,6 +213,16 @@ def near_chance_teacher_warning(teacher_acc: float, num_classes: int) -> str | N
             f"better-trained teacher")
 
 
+def teacher_warnings(teacher_acc: float, num_classes: int, predictor_meta: dict,
+                     foreign_acc: float | None = None) -> list[str]:
+    """The search's warnings about its teacher. `teacher_acc`: the teacher that ranks (a foreign teacher's proxy);
+    `foreign_acc`: a foreign teacher's own accuracy -- the students learn from it, so near chance is judged on the
+    lower of the two."""
+    low = teacher_acc if foreign_acc is None else min(teacher_acc, foreign_acc)
+    return [w for w in (teacher_range_warning(teacher_acc, predictor_meta),
+                        near_chance_teacher_warning(low, num_classes)) if w]
+
+
 def teacher_range_warning(teacher_acc: float, predictor_meta: dict) -> str | None:
     """A warning when the teacher's accuracy lies outside the range of the predictor's meta-training teachers:
     the teacher-guided adaptation step is then skipped (`MetaSGD.gated`: one step on such a teacher inverted the

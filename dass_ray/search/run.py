@@ -27,7 +27,7 @@ from dass_ray.core.predictor import PredictorBatch
 from dass_ray.core.posterior import PoolModel, load_prior
 from dass_ray.core.ranking import order_key
 from dass_ray.core.space import ArchConfig
-from dass_ray.search.inputs import Prepared, near_chance_teacher_warning, teacher_range_warning
+from dass_ray.search.inputs import Prepared, teacher_warnings
 from dass_ray.search.rayutil import Progress, tune_verbosity
 from dass_ray.search.report import write_report
 from dass_ray.search.resources import max_cluster_cpus
@@ -106,11 +106,8 @@ class SearchRun:
                              f"{len(p.data.y_train)} train / {len(p.data.y_val)} val images")
             teacher = self._teacher()
             self.teacher = teacher
-            accs = [teacher.val_acc]  # a foreign teacher: the proxy's and its own (the students learn from it)
-            if p.foreign is not None and "foreign_teacher_acc" in self.state:
-                accs.append(float(self.state["foreign_teacher_acc"]))
-            self.warnings = [w for w in [teacher_range_warning(teacher.val_acc, p.predictor_meta),
-                                         near_chance_teacher_warning(min(accs), p.data.num_classes)] if w]
+            foreign_acc = self.state.get("foreign_teacher_acc") if p.foreign is not None else None
+            self.warnings = teacher_warnings(teacher.val_acc, p.data.num_classes, p.predictor_meta, foreign_acc)
             for w in self.warnings:
                 print(f"warning: {w}", file=sys.stderr, flush=True)
                 self.events.emit("validate", 1, 1, f"warning: {w}")
