@@ -62,6 +62,10 @@ def in_ray_job() -> bool:
     return RAY_JOB_ENV in os.environ
 
 
+# What a Ray call raises when the actor it ran on, or the node holding its result, is gone: the work is redone.
+LOST_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
     """Connect this process to Ray, the same way in every entry point; a no-op when already connected.
 

@@ -114,7 +114,7 @@ def _fit_options(encoders: int, predictors: int) -> tuple[dict, dict]:
     return enc_opts, pred_opts
 
 
-_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+from dass_ray.search.rayutil import LOST_ERRORS as _LOST  # noqa: E402
 
 
 def score_candidates(teacher_sd: dict, space: SpaceConfig, archs: list[ArchConfig], model: MetaSGD,

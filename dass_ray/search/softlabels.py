@@ -26,7 +26,7 @@ from dass_ray.search.resources import ray_options
 
 MAX_SHARD_ATTEMPTS = 4
 CACHE_ENV = "DASS_RAY_CACHE"
-_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+from dass_ray.search.rayutil import LOST_ERRORS as _LOST  # noqa: E402
 
 
 def cache_dir(configured: str | None, output: str | Path) -> Path:
